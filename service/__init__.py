@@ -1,0 +1,3 @@
+"""Locus service: per-cell protein localisation over ONNX Runtime."""
+
+__version__ = "0.1.0"

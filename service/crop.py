@@ -1,0 +1,191 @@
+"""The crop rule: (field, cell label image, cell id) -> model input.
+
+This is the one function both training and the service call to turn a cell
+into the tensor the classifier sees; a test proves the two sides produce
+identical tensors. The rule, recorded in every model manifest:
+
+1. Take the cell's bounding box (rows, columns) in the full-resolution label image.
+2. Make it square around its centre, side = ``max(height, width) * (1 + 2 * padding)``
+   (at least ``min_side`` pixels), and cut that window from the field; parts of the
+   window outside the image are zero.
+3. When ``mask_other_cells`` is set, zero every pixel that belongs to another cell
+   (label not 0 and not this cell); background pixels are kept.
+4. Resize to ``size`` x ``size`` (area interpolation when shrinking, linear when
+   enlarging) and bring values to float32 0-255 (:func:`service.imaging.to_unit255`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from service.imaging import to_unit255
+
+__all__ = ["CropRule", "cell_boxes", "crop_cell", "crop_cells", "square_window"]
+
+
+@dataclass(frozen=True)
+class CropRule:
+    """How a cell becomes a model input.
+
+    Parameters
+    ----------
+    size : int
+        Side of the square model input in pixels.
+    padding : float
+        Context added on each side, as a fraction of the bounding box's longer side.
+    mask_other_cells : bool
+        Zero the pixels of other cells inside the window.
+    min_side : int
+        Smallest window side in full-resolution pixels (tiny fragments are not blown up).
+    """
+
+    size: int = 128
+    padding: float = 0.1
+    mask_other_cells: bool = True
+    min_side: int = 16
+
+    def to_dict(self) -> dict:
+        """Return the rule as a JSON-serialisable dict (stored in the manifest)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CropRule:
+        """Build a rule from :meth:`to_dict` output."""
+        return cls(**{k: data[k] for k in ("size", "padding", "mask_other_cells", "min_side") if k in data})
+
+
+def cell_boxes(labels: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
+    """Bounding boxes of every cell in a label image.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (H, W) integer label image, 0 = background.
+
+    Returns
+    -------
+    dict
+        ``{cell_id: (row0, col0, row1, col1)}``, end-exclusive.
+    """
+    boxes: dict[int, tuple[int, int, int, int]] = {}
+    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is not None:
+            boxes[idx] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    return boxes
+
+
+def square_window(box: tuple[int, int, int, int], rule: CropRule) -> tuple[int, int, int, int]:
+    """The square window (row0, col0, row1, col1) the rule cuts around a bounding box.
+
+    Parameters
+    ----------
+    box : tuple of int
+        (row0, col0, row1, col1), end-exclusive.
+    rule : CropRule
+        The crop rule.
+
+    Returns
+    -------
+    tuple of int
+        The window; it may extend beyond the image.
+    """
+    r0, c0, r1, c1 = box
+    side = max(r1 - r0, c1 - c0)
+    side = max(int(round(side * (1.0 + 2.0 * rule.padding))), rule.min_side)
+    rc = (r0 + r1) / 2.0
+    cc = (c0 + c1) / 2.0
+    wr0 = int(np.floor(rc - side / 2.0))
+    wc0 = int(np.floor(cc - side / 2.0))
+    return wr0, wc0, wr0 + side, wc0 + side
+
+
+def crop_cell(
+    image: np.ndarray,
+    labels: np.ndarray,
+    cell_id: int,
+    rule: CropRule,
+    box: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """Cut one cell out of a field as a model input.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (H, W, C) field, ``uint8``, ``uint16`` or float 0-255.
+    labels : numpy.ndarray
+        (H, W) integer cell label image.
+    cell_id : int
+        The cell's label.
+    rule : CropRule
+        The crop rule.
+    box : tuple of int, optional
+        The cell's bounding box, when already known (see :func:`cell_boxes`).
+
+    Returns
+    -------
+    numpy.ndarray
+        (size, size, C) ``float32`` in 0-255.
+    """
+    if box is None:
+        rows, cols = np.nonzero(labels == cell_id)
+        if rows.size == 0:
+            raise ValueError(f"cell {cell_id} is not in the label image")
+        box = (int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
+    h, w = labels.shape
+    wr0, wc0, wr1, wc1 = square_window(box, rule)
+    side = wr1 - wr0
+    channels = image.shape[2]
+    window = np.zeros((side, side, channels), dtype=image.dtype)
+    sr0, sc0, sr1, sc1 = max(wr0, 0), max(wc0, 0), min(wr1, h), min(wc1, w)
+    if sr1 > sr0 and sc1 > sc0:
+        patch = image[sr0:sr1, sc0:sc1]
+        if rule.mask_other_cells:
+            lab = labels[sr0:sr1, sc0:sc1]
+            other = (lab != 0) & (lab != cell_id)
+            patch = np.where(other[:, :, None], 0, patch).astype(image.dtype, copy=False)
+        window[sr0 - wr0 : sr1 - wr0, sc0 - wc0 : sc1 - wc0] = patch
+    window = to_unit255(window)
+    if side != rule.size:
+        interp = cv2.INTER_AREA if side > rule.size else cv2.INTER_LINEAR
+        window = cv2.resize(window, (rule.size, rule.size), interpolation=interp)
+        if window.ndim == 2:  # cv2 drops a single channel axis
+            window = window[:, :, None]
+    return np.ascontiguousarray(window, dtype=np.float32)
+
+
+def crop_cells(
+    image: np.ndarray,
+    labels: np.ndarray,
+    rule: CropRule,
+    cell_ids: list[int] | None = None,
+) -> tuple[list[int], np.ndarray]:
+    """Crop every (or the given) cells of a field.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (H, W, C) field.
+    labels : numpy.ndarray
+        (H, W) integer cell label image.
+    rule : CropRule
+        The crop rule.
+    cell_ids : list of int, optional
+        Cells to crop, default all present, in increasing id order.
+
+    Returns
+    -------
+    ids : list of int
+        The cell ids, in the order of the batch.
+    batch : numpy.ndarray
+        (N, size, size, C) ``float32`` in 0-255.
+    """
+    boxes = cell_boxes(labels)
+    ids = sorted(boxes) if cell_ids is None else list(cell_ids)
+    batch = np.zeros((len(ids), rule.size, rule.size, image.shape[2]), dtype=np.float32)
+    for k, cid in enumerate(ids):
+        batch[k] = crop_cell(image, labels, cid, rule, boxes.get(cid))
+    return ids, batch

@@ -1,0 +1,352 @@
+"""Decoding of channel images: bytes -> one 2-D channel, four channels -> HxWx4.
+
+One function, :func:`decode_channel`, turns the bytes of any supported file
+(PNG 8/16-bit, TIFF 8/16-bit, JPEG including the tinted 3-component JPEGs of the
+HPA website) into a single 2-D channel. The training package and the service
+both call it, so what is trained on is what is served.
+
+Value rule
+----------
+Channels keep their dtype (``uint8`` or ``uint16``) when decoded. Model inputs
+are brought to ``float32`` in 0-255 by :func:`to_unit255`: ``uint8`` as is,
+``uint16`` divided by 257 (so 65535 -> 255), which is the one documented
+normalisation rule of Locus.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from service.classes import CHANNELS
+
+__all__ = [
+    "ImageError",
+    "decode_channel",
+    "read_dimensions",
+    "stack_channels",
+    "to_unit255",
+    "load_field",
+]
+
+#: Tint tolerance: a 3-component image is accepted as an HPA tint when the
+#: colour components it does not use stay below this fraction of its maximum.
+_TINT_TOLERANCE = 0.08
+
+
+class ImageError(ValueError):
+    """A channel image that cannot be used, with a message that says why and how to fix it.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong and what to do.
+    field : str, optional
+        The channel (``red``, ``green``, ``blue``, ``yellow``) the problem is in.
+    code : str
+        A short machine-readable reason, e.g. ``"not_an_image"``.
+    status : int
+        The HTTP status the service answers with (400, 413, 415 or 422).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, code: str = "bad_image", status: int = 422):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.code = code
+        self.status = status
+
+
+def _png_dimensions(data: bytes) -> tuple[int, int] | None:
+    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return int(height), int(width)
+    return None
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 4 or data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    n = len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if i + 4 > n:
+            return None
+        seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            if i + 9 > n:
+                return None
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return int(height), int(width)
+        i += 2 + seg_len
+    return None
+
+
+def _tiff_dimensions(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    endian = "<" if data[:2] == b"II" else ">"
+    (offset,) = struct.unpack(endian + "I", data[4:8])
+    if offset + 2 > len(data):
+        return None
+    (count,) = struct.unpack(endian + "H", data[offset : offset + 2])
+    width = height = None
+    for k in range(count):
+        entry = offset + 2 + 12 * k
+        if entry + 12 > len(data):
+            break
+        tag, typ = struct.unpack(endian + "HH", data[entry : entry + 4])
+        if typ == 3:
+            value = struct.unpack(endian + "H", data[entry + 8 : entry + 10])[0]
+        elif typ == 4:
+            value = struct.unpack(endian + "I", data[entry + 8 : entry + 12])[0]
+        else:
+            continue
+        if tag == 256:
+            width = value
+        elif tag == 257:
+            height = value
+    if width is None or height is None:
+        return None
+    return int(height), int(width)
+
+
+def read_dimensions(data: bytes) -> tuple[str, tuple[int, int] | None]:
+    """Read the format and (height, width) from a file header without decoding pixels.
+
+    Parameters
+    ----------
+    data : bytes
+        The file's bytes (only the header is read).
+
+    Returns
+    -------
+    format : str
+        ``"png"``, ``"jpeg"``, ``"tiff"`` or ``"unknown"``.
+    shape : tuple of int or None
+        (height, width) as the header declares it, or None when it cannot be read.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png", _png_dimensions(data)
+    if data[:2] == b"\xff\xd8":
+        return "jpeg", _jpeg_dimensions(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff", _tiff_dimensions(data)
+    return "unknown", None
+
+
+def _reduce_colour(img: np.ndarray, field: str | None) -> np.ndarray:
+    """Reduce a 3- or 4-component image (OpenCV BGR order) to one channel by the max over colour.
+
+    HPA website JPEGs are tinted: red in R, green in G, blue in B, yellow in R+G.
+    Any such tint reduces exactly by the maximum over the colour axis. An image
+    whose colour components all carry independent structure is not a tint and is
+    refused.
+    """
+    if img.shape[2] == 4:
+        img = img[:, :, :3]
+    reduced = img.max(axis=2)
+    peak = float(reduced.max()) if reduced.size else 0.0
+    if peak > 0:
+        # Components present: those whose own maximum is a sizeable part of the peak.
+        comp_max = img.reshape(-1, 3).max(axis=0).astype(np.float64)
+        used = comp_max > _TINT_TOLERANCE * peak
+        if used.sum() == 3:
+            b, g, r = (img[:, :, k].astype(np.float32) for k in range(3))
+            # A grey image stored as RGB (all equal up to JPEG error) is a valid single channel.
+            spread = np.abs(r - g).mean() + np.abs(g - b).mean()
+            if spread > 0.05 * max(float(reduced.mean()), 1.0) + 2.0:
+                raise ImageError(
+                    "is a colour image whose red, green and blue components all differ; "
+                    "send one grayscale image per channel (or an HPA website tinted JPEG)",
+                    field=field,
+                    code="not_a_channel",
+                )
+    return reduced
+
+
+def decode_channel(
+    data: bytes,
+    *,
+    field: str | None = None,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """Decode the bytes of one channel image into a 2-D array.
+
+    Parameters
+    ----------
+    data : bytes
+        A PNG (8- or 16-bit, grayscale or tinted colour), TIFF (8- or 16-bit) or
+        JPEG file. Tinted 3-component files (HPA website JPEGs) are reduced by
+        the maximum over the colour axis.
+    field : str, optional
+        Channel name, used in error messages.
+    max_pixels : int, optional
+        Largest accepted height x width, checked from the header before any
+        pixel is decoded (a small compressed file can declare gigapixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (H, W), dtype ``uint8`` or ``uint16``, values as stored.
+
+    Raises
+    ------
+    ImageError
+        Empty, truncated or corrupt data, an unsupported format or bit depth,
+        an image over ``max_pixels``, or a colour image that is not an HPA tint.
+    """
+    name = field or "image"
+    if not data:
+        raise ImageError(f"{name}: the file is empty; upload the channel image itself", field=field, code="empty_file")
+    fmt, shape = read_dimensions(data)
+    if fmt == "unknown":
+        raise ImageError(
+            f"{name}: not a PNG, TIFF or JPEG file (unrecognised header); send the channel as PNG, TIFF or JPEG",
+            field=field,
+            code="not_an_image",
+            status=415,
+        )
+    if shape is not None and max_pixels is not None and shape[0] * shape[1] > max_pixels:
+        raise ImageError(
+            f"{name}: declared size {shape[1]}x{shape[0]} has {shape[0] * shape[1]} pixels, over the limit "
+            f"of {max_pixels}; downscale the image or raise LOCUS_MAX_IMAGE_PIXELS",
+            field=field,
+            code="image_too_large",
+            status=413,
+        )
+    if shape is not None and (shape[0] == 0 or shape[1] == 0):
+        raise ImageError(f"{name}: the header declares a zero-sized image", field=field, code="corrupt_image")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # pragma: no cover - OpenCV raises only on exotic input
+        raise ImageError(f"{name}: the {fmt.upper()} data could not be decoded ({exc})", field=field, code="corrupt_image") from exc
+    if img is None or img.size == 0:
+        raise ImageError(
+            f"{name}: the {fmt.upper()} data is truncated or corrupt and could not be decoded",
+            field=field,
+            code="corrupt_image",
+        )
+    if max_pixels is not None and img.shape[0] * img.shape[1] > max_pixels:
+        raise ImageError(
+            f"{name}: {img.shape[1]}x{img.shape[0]} pixels is over the limit of {max_pixels}",
+            field=field,
+            code="image_too_large",
+            status=413,
+        )
+    if img.dtype not in (np.uint8, np.uint16):
+        raise ImageError(
+            f"{name}: pixel type {img.dtype} is not supported; send 8- or 16-bit unsigned integer images",
+            field=field,
+            code="unsupported_depth",
+        )
+    if img.ndim == 3:
+        if img.shape[2] == 1:
+            img = img[:, :, 0]
+        elif img.shape[2] in (3, 4):
+            img = _reduce_colour(img, field)
+        else:
+            raise ImageError(
+                f"{name}: {img.shape[2]} colour components; send a single-channel image",
+                field=field,
+                code="not_a_channel",
+            )
+    elif img.ndim != 2:
+        raise ImageError(f"{name}: unexpected image layout {img.shape}", field=field, code="not_a_channel")
+    return np.ascontiguousarray(img)
+
+
+def stack_channels(channels: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> np.ndarray:
+    """Stack four 2-D channels into one HxWx4 array in R, G, B, Y order.
+
+    Parameters
+    ----------
+    channels : mapping or sequence
+        ``{"red": ..., "green": ..., "blue": ..., "yellow": ...}`` or four arrays in that order.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (H, W, 4). When the channels mix ``uint8`` and ``uint16``, the
+        8-bit ones are scaled by 257 to ``uint16`` so all share one value range.
+
+    Raises
+    ------
+    ImageError
+        A channel is missing or the channels differ in size.
+    """
+    if isinstance(channels, Mapping):
+        missing = [c for c in CHANNELS if c not in channels]
+        if missing:
+            raise ImageError(f"missing channel(s): {', '.join(missing)}", field=missing[0], code="missing_channel", status=422)
+        arrays = [channels[c] for c in CHANNELS]
+    else:
+        arrays = list(channels)
+        if len(arrays) != 4:
+            raise ImageError(f"expected 4 channels, got {len(arrays)}", code="missing_channel")
+    shapes = {c: a.shape for c, a in zip(CHANNELS, arrays, strict=True)}
+    if len(set(shapes.values())) != 1:
+        desc = ", ".join(f"{c} {s[1]}x{s[0]}" for c, s in shapes.items())
+        raise ImageError(
+            f"the four channels must have the same size; got {desc}",
+            field=next(c for c in CHANNELS if shapes[c] != shapes["red"]) if len(set(shapes.values())) > 1 else None,
+            code="size_mismatch",
+        )
+    if len({a.dtype for a in arrays}) > 1:
+        arrays = [a.astype(np.uint16) * 257 if a.dtype == np.uint8 else a for a in arrays]
+    return np.ascontiguousarray(np.stack(arrays, axis=-1))
+
+
+def to_unit255(image: np.ndarray) -> np.ndarray:
+    """Bring an image to ``float32`` in 0-255 by the one Locus rule.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``uint8`` (kept), ``uint16`` (divided by 257) or floating point (taken as 0-255 already).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` array of the same shape.
+    """
+    if image.dtype == np.uint8:
+        return image.astype(np.float32)
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) * np.float32(1.0 / 257.0)
+    return image.astype(np.float32, copy=False)
+
+
+def load_field(paths: Mapping[str, str] | Sequence[str], *, max_pixels: int | None = None) -> np.ndarray:
+    """Read the four channel files of one field of view from disk.
+
+    Parameters
+    ----------
+    paths : mapping or sequence
+        File paths by channel name, or four paths in R, G, B, Y order.
+    max_pixels : int, optional
+        Pixel limit passed to :func:`decode_channel`.
+
+    Returns
+    -------
+    numpy.ndarray
+        HxWx4, ``uint8`` or ``uint16``.
+    """
+    if not isinstance(paths, Mapping):
+        paths = dict(zip(CHANNELS, paths, strict=True))
+    channels = {}
+    for c in CHANNELS:
+        with open(paths[c], "rb") as fh:
+            channels[c] = decode_channel(fh.read(), field=c, max_pixels=max_pixels)
+    return stack_channels(channels)

@@ -1,0 +1,1 @@
+"""HPA-sim: synthetic HPA-style fields of view with per-cell ground truth."""
