@@ -1,0 +1,391 @@
+"""Classical (CPU, no weights) cell segmentation of HPA-style fields.
+
+The backend works on a reduced copy of the field (its geometric-mean side is
+brought to ``work_side`` pixels, 512 by default, so a 2048² field is processed at
+a quarter of its size) and brings the labels back to full resolution by a
+nearest-neighbour resize. At that scale an HPA nucleus is still 25-50 pixels
+across, so little accuracy is lost and the whole pipeline runs in a fraction of
+a second.
+
+Steps
+-----
+1. Each channel is brought to 0-255 (:func:`service.imaging.to_unit255`) and
+   normalised by its low and high percentiles; a channel with almost no contrast
+   counts as empty.
+2. Nuclei: the blue channel is smoothed and thresholded (Otsu), holes are filled,
+   and touching nuclei are split by a watershed on the distance transform seeded
+   by its h-maxima. A field whose blue channel is not bimodal (Otsu separability
+   below ``min_separability``: pure noise, a blank image) has no nuclei.
+3. Cells: the cytoplasm signal is the smoothed maximum of the normalised red,
+   yellow and blue channels; foreground is where it exceeds
+   ``max(cell_threshold_floor, cell_threshold_factor * Otsu)`` (plus the nuclei).
+   A watershed on the inverted signal, restricted to the foreground and seeded by
+   the nuclei, grows one cell per nucleus.
+4. Cells and nuclei below the minimum areas (given for a 2048² field and scaled by
+   the field's area) are dropped, together with cells without a nucleus; cells are
+   renumbered ``1..n`` with nucleus ``k`` inside cell ``k``.
+
+Cells cut by the image border are kept, as in the ground truth of the HPA
+single-cell competition; :class:`service.cells.CellRecord` flags them
+(``touches_border``) for callers that want to drop them.
+
+Sizes scale with the field: a length of ``L`` pixels "at reference" means
+``L * sqrt(H * W) / reference_side`` pixels in an (H, W) field, i.e. a field is
+assumed to show the same area of the sample whatever its pixel count (true for
+HPA's 2048², 1728² and 3072² fields and for downscaled copies of them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
+
+from service.imaging import to_unit255
+from service.segmentation.base import check_field
+
+__all__ = ["ClassicalConfig", "ClassicalSegmenter", "normalise_channel", "otsu_threshold"]
+
+
+@dataclass(frozen=True)
+class ClassicalConfig:
+    """Options of the classical segmenter.
+
+    Lengths and areas marked "reference" are in pixels of a ``reference_side``²
+    field and scale with the field's size (see the module docstring).
+
+    Parameters
+    ----------
+    work_side : int
+        Geometric-mean side of the working image; larger fields are downscaled to
+        it, smaller ones are processed as they are.
+    reference_side : int
+        Side of the field the reference lengths and areas are given for.
+    min_nucleus_area : float
+        Smallest nucleus kept, reference pixels (HPA: 2500).
+    min_cell_area : float
+        Smallest cell kept, reference pixels (HPA: 5500).
+    nucleus_sigma : float
+        Gaussian smoothing of the blue channel, reference pixels.
+    cell_sigma : float
+        Gaussian smoothing of the cytoplasm signal, reference pixels.
+    split_h : float
+        Depth (reference pixels of distance) of the h-maxima that seed the
+        splitting of touching nuclei; larger splits less.
+    nucleus_threshold_factor : float
+        Multiplier of the Otsu threshold of the blue channel (in the log domain).
+    nucleus_log_gain : float
+        The blue channel's Otsu threshold is found on ``log1p(gain * x)`` so that dim
+        nuclei next to bright ones are kept; 0 thresholds the linear values.
+    cell_threshold_factor : float
+        Multiplier of the Otsu threshold of the cytoplasm signal.
+    cell_threshold_floor : float
+        Lowest cytoplasm threshold, in normalised units (0-1).
+    low_percentile, high_percentile : float
+        Percentiles mapped to 0 and 1 when normalising a channel.
+    min_contrast : float
+        A channel whose percentile range is below this (0-255 units) is empty.
+    min_separability : float
+        Smallest Otsu separability (between-class / total variance) of the blue
+        channel for nuclei to be sought; Gaussian noise gives about 0.64.
+    cell_channels : tuple of int
+        Channels (indices into R, G, B, Y) whose maximum is the cytoplasm signal.
+    """
+
+    work_side: int = 512
+    reference_side: int = 2048
+    min_nucleus_area: float = 2500.0
+    min_cell_area: float = 5500.0
+    nucleus_sigma: float = 6.0
+    cell_sigma: float = 8.0
+    split_h: float = 12.0
+    nucleus_threshold_factor: float = 1.0
+    nucleus_log_gain: float = 100.0
+    cell_threshold_factor: float = 0.5
+    cell_threshold_floor: float = 0.08
+    low_percentile: float = 1.0
+    high_percentile: float = 99.8
+    min_contrast: float = 2.0
+    min_separability: float = 0.75
+    cell_channels: tuple[int, ...] = field(default=(0, 2, 3))
+
+    def to_dict(self) -> dict:
+        """Return the options as a JSON-serialisable dict."""
+        data = asdict(self)
+        data["cell_channels"] = list(self.cell_channels)
+        return data
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
+    """Otsu's threshold of values in [0, 1] and its separability.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Values, any shape, expected in [0, 1].
+    bins : int
+        Histogram bins over [0, 1].
+
+    Returns
+    -------
+    threshold : float
+        The threshold (values above it are foreground).
+    separability : float
+        Between-class variance over total variance at the threshold, in [0, 1];
+        0 for a constant input.
+    """
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0.5, 0.0
+    p = hist / total
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    w0 = np.cumsum(p)
+    m = np.cumsum(p * centres)
+    mt = m[-1]
+    var_t = float((p * (centres - mt) ** 2).sum())
+    w1 = 1.0 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mt * w0 - m) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = 0.0
+    k = int(np.argmax(between[:-1]))
+    if var_t <= 0:
+        return float(edges[k + 1]), 0.0
+    return float(edges[k + 1]), float(between[k] / var_t)
+
+
+def normalise_channel(
+    channel: np.ndarray, low: float = 1.0, high: float = 99.8, min_contrast: float = 2.0
+) -> np.ndarray:
+    """Map a channel's percentiles to [0, 1].
+
+    Parameters
+    ----------
+    channel : numpy.ndarray
+        (H, W) float32 channel in 0-255 units.
+    low, high : float
+        Percentiles mapped to 0 and 1.
+    min_contrast : float
+        When ``high - low`` percentile values differ by less than this (0-255 units),
+        the channel counts as empty and zeros are returned.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) float32 in [0, 1].
+    """
+    lo, hi = np.percentile(channel, (low, high))
+    if hi - lo < min_contrast:
+        return np.zeros(channel.shape, dtype=np.float32)
+    out = (channel - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _relabel_sequential(labels: np.ndarray, size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel to 1..n in increasing order of the old ids; return (new labels, lookup old -> new).
+
+    The lookup has at least ``size`` entries; ids not present map to 0.
+    """
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    lut = np.zeros(max(int(labels.max()) + 1 if labels.size else 1, size), dtype=np.int32)
+    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+    return lut[labels], lut
+
+
+class ClassicalSegmenter:
+    """Threshold-and-watershed segmentation of nuclei (blue) and cells (red, yellow, blue).
+
+    Parameters
+    ----------
+    config : ClassicalConfig, optional
+        All options; when given, keyword options are not allowed.
+    **options
+        Fields of :class:`ClassicalConfig`, e.g. ``work_side=768``.
+
+    Examples
+    --------
+    >>> from service.segmentation import make_segmenter
+    >>> seg = make_segmenter("classical", work_side=512)
+    >>> cells, nuclei = seg.segment(image)  # doctest: +SKIP
+    """
+
+    name: str = "classical"
+
+    def __init__(self, config: ClassicalConfig | None = None, **options) -> None:
+        if config is not None and options:
+            raise ValueError("pass either a ClassicalConfig or keyword options, not both")
+        if config is None:
+            known = set(ClassicalConfig.__dataclass_fields__)
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise ValueError(f"unknown classical segmenter option(s) {unknown}; valid: {sorted(known)}")
+            if "cell_channels" in options:
+                options["cell_channels"] = tuple(int(c) for c in options["cell_channels"])
+            config = ClassicalConfig(**options)
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"ClassicalSegmenter({self.config!r})"
+
+    # ------------------------------------------------------------------ steps
+    def _scales(self, shape: tuple[int, int]) -> tuple[float, float]:
+        """Return (work scale, reference-to-work length factor) for a field shape."""
+        h, w = shape
+        side = math.sqrt(h * w)
+        scale = min(1.0, self.config.work_side / side)
+        return scale, scale * side / self.config.reference_side
+
+    def _prepare(self, image: np.ndarray, scale: float) -> np.ndarray:
+        """Downscale to the working size and bring to float32 0-255, (h, w, 4)."""
+        h, w = image.shape[:2]
+        img = to_unit255(image)
+        if scale < 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        return img
+
+    def segment_nuclei(self, blue: np.ndarray, ref: float) -> np.ndarray:
+        """Nucleus labels of a normalised, working-size blue channel.
+
+        Parameters
+        ----------
+        blue : numpy.ndarray
+            (h, w) float32 in [0, 1].
+        ref : float
+            Reference-to-working length factor.
+
+        Returns
+        -------
+        numpy.ndarray
+            (h, w) int32 nucleus labels (not yet filtered by size), 0 = background.
+        """
+        cfg = self.config
+        if not blue.any():
+            return np.zeros(blue.shape, dtype=np.int32)
+        smooth = cv2.GaussianBlur(blue, (0, 0), max(cfg.nucleus_sigma * ref, 0.5))
+        thr, sep = otsu_threshold(smooth)
+        if sep < cfg.min_separability:
+            return np.zeros(blue.shape, dtype=np.int32)
+        if cfg.nucleus_log_gain > 0:
+            g = cfg.nucleus_log_gain
+            logged = np.log1p(smooth * np.float32(g)) * np.float32(1.0 / math.log1p(g))
+            thr_log, _ = otsu_threshold(logged)
+            thr = math.expm1(thr_log * cfg.nucleus_threshold_factor * math.log1p(g)) / g
+        else:
+            thr *= cfg.nucleus_threshold_factor
+        mask = smooth > thr
+        mask = ndimage.binary_fill_holes(mask)
+        min_area = cfg.min_nucleus_area * ref * ref
+        # Remove specks early (a quarter of the minimum) so they do not seed anything.
+        comp, n = ndimage.label(mask)
+        if n == 0:
+            return np.zeros(blue.shape, dtype=np.int32)
+        sizes = np.bincount(comp.ravel())
+        keep = sizes >= 0.25 * min_area
+        keep[0] = False
+        mask = keep[comp]
+        if not mask.any():
+            return np.zeros(blue.shape, dtype=np.int32)
+        dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
+        dist = cv2.GaussianBlur(dist, (0, 0), max(1.0, 4.0 * ref))
+        h = max(cfg.split_h * ref, 0.5)
+        peaks = h_maxima(dist, h) & mask
+        markers, _ = ndimage.label(peaks)
+        labels = watershed(-dist, markers, mask=mask)
+        return labels.astype(np.int32, copy=False)
+
+    def segment_cells(self, norm: np.ndarray, nuclei: np.ndarray, ref: float) -> np.ndarray:
+        """Grow one cell per nucleus over the cytoplasm signal.
+
+        Parameters
+        ----------
+        norm : numpy.ndarray
+            (h, w, 4) normalised working-size field in [0, 1].
+        nuclei : numpy.ndarray
+            (h, w) int32 nucleus labels (the seeds).
+        ref : float
+            Reference-to-working length factor.
+
+        Returns
+        -------
+        numpy.ndarray
+            (h, w) int32 cell labels with the ids of their nuclei.
+        """
+        cfg = self.config
+        cyto = norm[:, :, list(cfg.cell_channels)].max(axis=2)
+        cyto = cv2.GaussianBlur(cyto, (0, 0), max(cfg.cell_sigma * ref, 0.5))
+        thr, _ = otsu_threshold(cyto)
+        fg = cyto > max(cfg.cell_threshold_floor, cfg.cell_threshold_factor * thr)
+        fg |= nuclei > 0
+        # Fill holes inside cells (but not large enclosed background).
+        holes = ndimage.binary_fill_holes(fg) & ~fg
+        if holes.any():
+            hl, _ = ndimage.label(holes)
+            hsize = np.bincount(hl.ravel())
+            small = hsize < cfg.min_cell_area * ref * ref
+            small[0] = False
+            fg |= small[hl]
+        return watershed(-cyto, nuclei, mask=fg).astype(np.int32, copy=False)
+
+    # --------------------------------------------------------------- public
+    def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Segment one field of view.
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            (H, W, 4) field in R, G, B, Y order, ``uint8`` or ``uint16``.
+
+        Returns
+        -------
+        cell_labels : numpy.ndarray
+            (H, W) ``int32``, 0 = background, cells ``1..n``.
+        nuclei_labels : numpy.ndarray
+            (H, W) ``int32``, nucleus ``k`` inside cell ``k``; every cell has one.
+
+        Raises
+        ------
+        SegmentationError
+            The array is not an (H, W, 4) ``uint8``/``uint16`` field.
+        """
+        cfg = self.config
+        check_field(image)
+        H, W = image.shape[:2]
+        scale, ref = self._scales((H, W))
+        work = self._prepare(image, scale)
+        norm = np.empty(work.shape, dtype=np.float32)
+        for c in range(4):
+            norm[:, :, c] = normalise_channel(work[:, :, c], cfg.low_percentile, cfg.high_percentile, cfg.min_contrast)
+
+        nuclei = self.segment_nuclei(norm[:, :, 2], ref)
+        empty = np.zeros((H, W), dtype=np.int32)
+        if not nuclei.any():
+            return empty, empty.copy()
+        # Drop small nuclei before they seed cells.
+        sizes = np.bincount(nuclei.ravel())
+        keep = sizes >= cfg.min_nucleus_area * ref * ref
+        keep[0] = False
+        nuclei = np.where(keep[nuclei], nuclei, 0).astype(np.int32)
+        if not nuclei.any():
+            return empty, empty.copy()
+
+        cells = self.segment_cells(norm, nuclei, ref)
+        csizes = np.bincount(cells.ravel(), minlength=nuclei.max() + 1)
+        ckeep = csizes >= cfg.min_cell_area * ref * ref
+        ckeep[0] = False
+        cells = np.where(ckeep[cells], cells, 0)
+        cells, lut = _relabel_sequential(cells, size=len(ckeep))
+        new_nuclei = lut[nuclei]
+        nuclei = np.where(new_nuclei == cells, new_nuclei, 0)
+
+        if scale < 1.0:
+            cells = cv2.resize(cells.astype(np.int32), (W, H), interpolation=cv2.INTER_NEAREST_EXACT)
+            nuclei = cv2.resize(nuclei.astype(np.int32), (W, H), interpolation=cv2.INTER_NEAREST_EXACT)
+        return np.ascontiguousarray(cells, dtype=np.int32), np.ascontiguousarray(nuclei, dtype=np.int32)
