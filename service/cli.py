@@ -20,7 +20,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {
     "eval": ("training.evaluate", "score a submission CSV against ground truth (competition mAP)", None),
     "train": ("training.train", "train the 4-channel EfficientNet on per-cell crops", "train"),
     "export": ("training.export", "export a trained Keras model to a model folder (ONNX)", "train"),
-    "default-model": ("training.default_model", "generate HPA-sim, train, export and evaluate the default model", "train"),
+    "default-model": (
+        "training.default_model",
+        "generate HPA-sim, train, export and evaluate the default model",
+        "train",
+    ),
     "overlay": ("service.overlay", "render a field with cell outlines, labels and IG heatmaps as PNG", None),
 }
 
@@ -31,8 +35,11 @@ def _load(name: str):
         return importlib.import_module(module_name)
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
-        if extra and missing and missing.split(".")[0] in {"tensorflow", "keras", "tf2onnx", "onnx", "matplotlib",
-                                                             "iterstrat"}:
+        if (
+            extra
+            and missing
+            and missing.split(".")[0] in {"tensorflow", "keras", "tf2onnx", "onnx", "matplotlib", "iterstrat"}
+        ):
             sys.stderr.write(
                 f"locus {name}: needs the [{extra}] extra ({missing} is not installed).\n"
                 f"Install it with:  pip install -e '.[{extra}]'\n"

@@ -32,9 +32,10 @@ __all__ = [
     "load_field",
 ]
 
-#: Tint tolerance: a 3-component image is accepted as an HPA tint when the
-#: colour components it does not use stay below this fraction of its maximum.
-_TINT_TOLERANCE = 0.08
+#: A 3-component image is accepted as an HPA tint (or grey) when the mean cosine between
+#: its bright pixels' colours and their mean colour is at least this (tinted HPA JPEGs: 0.98-1.0;
+#: uniformly random colours: 0.89).
+_TINT_COHERENCE = 0.96
 
 
 class ImageError(ValueError):
@@ -148,27 +149,31 @@ def read_dimensions(data: bytes) -> tuple[str, tuple[int, int] | None]:
 def _reduce_colour(img: np.ndarray, field: str | None) -> np.ndarray:
     """Reduce a 3- or 4-component image (OpenCV BGR order) to one channel by the max over colour.
 
-    HPA website JPEGs are tinted: red in R, green in G, blue in B, yellow in R+G.
-    Any such tint reduces exactly by the maximum over the colour axis. An image
-    whose colour components all carry independent structure is not a tint and is
-    refused.
+    HPA website JPEGs are tinted: red in R, green in G, blue in B, yellow in R+G, so
+    every pixel's colour points the same way (a grey image stored as RGB too). Such
+    an image reduces exactly by the maximum over the colour axis. An image whose
+    bright pixels point in different colour directions is a colour picture, not a
+    channel, and is refused.
     """
     if img.shape[2] == 4:
         img = img[:, :, :3]
     reduced = img.max(axis=2)
+    flat = img.reshape(-1, 3)
     peak = float(reduced.max()) if reduced.size else 0.0
     if peak > 0:
-        # Components present: those whose own maximum is a sizeable part of the peak.
-        comp_max = img.reshape(-1, 3).max(axis=0).astype(np.float64)
-        used = comp_max > _TINT_TOLERANCE * peak
-        if used.sum() == 3:
-            b, g, r = (img[:, :, k].astype(np.float32) for k in range(3))
-            # A grey image stored as RGB (all equal up to JPEG error) is a valid single channel.
-            spread = np.abs(r - g).mean() + np.abs(g - b).mean()
-            if spread > 0.05 * max(float(reduced.mean()), 1.0) + 2.0:
+        step = max(1, flat.shape[0] // 200_000)
+        sample = flat[::step].astype(np.float32)
+        bright = sample[sample.max(axis=1) > 0.2 * peak]
+        if bright.shape[0] >= 16:
+            unit = bright / np.linalg.norm(bright, axis=1, keepdims=True)
+            mean = unit.mean(axis=0)
+            mean /= np.linalg.norm(mean)
+            coherence = float((unit @ mean).mean())
+            if coherence < _TINT_COHERENCE:
                 raise ImageError(
-                    "is a colour image whose red, green and blue components all differ; "
-                    "send one grayscale image per channel (or an HPA website tinted JPEG)",
+                    f"{field or 'image'}: a colour image whose pixels have different hues (colour coherence "
+                    f"{coherence:.2f} < {_TINT_COHERENCE}); send one grayscale image per channel, or an HPA "
+                    "website tinted JPEG",
                     field=field,
                     code="not_a_channel",
                 )
@@ -231,7 +236,9 @@ def decode_channel(
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # pragma: no cover - OpenCV raises only on exotic input
-        raise ImageError(f"{name}: the {fmt.upper()} data could not be decoded ({exc})", field=field, code="corrupt_image") from exc
+        raise ImageError(
+            f"{name}: the {fmt.upper()} data could not be decoded ({exc})", field=field, code="corrupt_image"
+        ) from exc
     if img is None or img.size == 0:
         raise ImageError(
             f"{name}: the {fmt.upper()} data is truncated or corrupt and could not be decoded",
@@ -289,7 +296,9 @@ def stack_channels(channels: Mapping[str, np.ndarray] | Sequence[np.ndarray]) ->
     if isinstance(channels, Mapping):
         missing = [c for c in CHANNELS if c not in channels]
         if missing:
-            raise ImageError(f"missing channel(s): {', '.join(missing)}", field=missing[0], code="missing_channel", status=422)
+            raise ImageError(
+                f"missing channel(s): {', '.join(missing)}", field=missing[0], code="missing_channel", status=422
+            )
         arrays = [channels[c] for c in CHANNELS]
     else:
         arrays = list(channels)

@@ -39,7 +39,9 @@ class CropSpec(BaseModel):
 
     def rule(self) -> CropRule:
         """Return the executable :class:`~service.crop.CropRule`."""
-        return CropRule(size=self.size, padding=self.padding, mask_other_cells=self.mask_other_cells, min_side=self.min_side)
+        return CropRule(
+            size=self.size, padding=self.padding, mask_other_cells=self.mask_other_cells, min_side=self.min_side
+        )
 
 
 class GradSpec(BaseModel):

@@ -1,0 +1,55 @@
+"""Prometheus metrics of the domain: fields and cells classified, stage latencies, batches, queue, rejections."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """The service's domain metrics, in their own registry (one per app, so tests can build many apps).
+
+    Parameters
+    ----------
+    registry : CollectorRegistry, optional
+        Where to register; a new one by default.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.fields = Counter("locus_fields_classified_total", "Fields of view classified", registry=r)
+        self.cells = Counter("locus_cells_classified_total", "Cells classified", registry=r)
+        self.stage = Histogram(
+            "locus_stage_seconds", "Time per pipeline stage", ["stage"], buckets=_STAGE_BUCKETS, registry=r
+        )
+        self.batch = Histogram(
+            "locus_batch_size", "Cells per model batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r
+        )
+        self.rejections = Counter("locus_rejections_total", "Requests refused, by reason", ["reason"], registry=r)
+        self.in_flight = Gauge("locus_requests_in_flight", "Classify requests admitted and not finished", registry=r)
+        self.labels = Counter("locus_labels_called_total", "Labels called per class", ["class_name"], registry=r)
+
+    def observe_field(self, body: dict) -> None:
+        """Count one answered field from its response body."""
+        self.fields.inc()
+        cells = body.get("cells")
+        if cells is not None:
+            self.cells.inc(len(cells))
+            for cell in cells:
+                for lab in cell.get("labels", []):
+                    self.labels.labels(class_name=lab["name"]).inc()
+        for stage, ms in (body.get("timings_ms") or {}).items():
+            if stage != "total":
+                self.stage.labels(stage=stage).observe(ms / 1e3)
+
+    def rejected(self, reason: str) -> None:
+        """Count one refused request."""
+        self.rejections.labels(reason=reason).inc()
+
+    def batch_size(self, n: int) -> None:
+        """Record one model batch."""
+        self.batch.observe(n)

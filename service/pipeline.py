@@ -1,0 +1,249 @@
+"""The classification pipeline over one field: segment -> crop -> classify -> [attribute] -> encode.
+
+Every stage is a plain function over numpy arrays; this module strings them
+together, times them, and returns a :class:`FieldResult`. The HTTP layer, the
+``locus predict`` batch job and the evaluation all call :meth:`Pipeline.run`,
+so what is measured is what is served.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.cells import CellRecord, cell_records
+from service.classes import CLASS_NAMES, NUM_CLASSES
+from service.crop import crop_cells
+from service.encoding import encode_label_masks, format_prediction_string, rle_to_kaggle
+from service.inference import Classifier
+from service.segmentation.base import Segmenter
+
+__all__ = ["ClassifyOptions", "CellResult", "FieldResult", "Pipeline"]
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """What a caller asks of one field.
+
+    Parameters
+    ----------
+    threshold : float, optional
+        One decision threshold for every class; default: the manifest's per-class thresholds.
+    include_masks : bool
+        Encode each cell's mask as COCO RLE.
+    include_scores : bool
+        Return all 19 scores per cell.
+    attributions : bool
+        Compute integrated-gradient maps for each cell's predicted labels (or ``attribution_classes``).
+    attribution_classes : tuple of int, optional
+        Classes to explain in every cell instead of its predicted labels.
+    ig_steps : int
+        Integrated-gradient steps.
+    ig_baseline : str
+        ``"black"`` or ``"blur"``.
+    """
+
+    threshold: float | None = None
+    include_masks: bool = True
+    include_scores: bool = False
+    attributions: bool = False
+    attribution_classes: tuple[int, ...] | None = None
+    ig_steps: int = 64
+    ig_baseline: str = "black"
+
+
+@dataclass
+class CellResult:
+    """One cell's answer."""
+
+    record: CellRecord
+    probabilities: np.ndarray
+    labels: list[int]
+    mask: dict | None = None
+    attributions: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class FieldResult:
+    """One field's answer."""
+
+    height: int
+    width: int
+    cells: list[CellResult]
+    timings_ms: dict[str, float]
+    cell_labels: np.ndarray
+
+    def summary(self) -> list[dict]:
+        """Per class: cells called and the highest confidence over all cells, sorted by cells called.
+
+        Returns
+        -------
+        list of dict
+            ``{"class_id", "name", "cells", "max_confidence"}`` for every class called in at least one cell.
+        """
+        out = []
+        if not self.cells:
+            return out
+        probs = np.stack([c.probabilities for c in self.cells])
+        for k in range(NUM_CLASSES):
+            called = sum(1 for c in self.cells if k in c.labels)
+            if called:
+                out.append(
+                    {"class_id": k, "name": CLASS_NAMES[k], "cells": called, "max_confidence": float(probs[:, k].max())}
+                )
+        out.sort(key=lambda d: (-d["cells"], -d["max_confidence"]))
+        return out
+
+    def prediction_string(self, min_confidence: float = 0.0) -> str:
+        """The Kaggle ``PredictionString``: one ``class confidence mask`` triple per (cell, class).
+
+        Every class with a confidence of at least ``min_confidence`` is listed for every
+        cell (the competition metric ranks confidences, so listing all classes never
+        lowers AP).
+
+        Parameters
+        ----------
+        min_confidence : float
+            Classes below this confidence are left out.
+
+        Returns
+        -------
+        str
+            Space-separated triples.
+        """
+        return format_prediction_string(self.predictions(min_confidence))
+
+    def predictions(self, min_confidence: float = 0.0) -> list[tuple[int, float, str]]:
+        """The (class, confidence, Kaggle mask string) triples of :meth:`prediction_string`."""
+        masks = {c.record.id: c.mask for c in self.cells if c.mask is not None}
+        missing = [c.record.id for c in self.cells if c.mask is None]
+        if missing:
+            masks.update(encode_label_masks(self.cell_labels, missing))
+        out: list[tuple[int, float, str]] = []
+        for cell in self.cells:
+            mask_str = rle_to_kaggle(masks[cell.record.id])
+            for k in range(NUM_CLASSES):
+                p = float(cell.probabilities[k])
+                if p >= min_confidence:
+                    out.append((k, p, mask_str))
+        return out
+
+
+class Pipeline:
+    """Segmentation, crops, classification and attributions for one field at a time.
+
+    Parameters
+    ----------
+    classifier : Classifier
+        The loaded model folder.
+    segmenter : Segmenter
+        The segmentation backend.
+    predict : callable, optional
+        ``predict(batch) -> probabilities``; default ``classifier.predict``. The service
+        passes its dynamic batcher here so cells of concurrent requests share batches.
+    """
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        segmenter: Segmenter,
+        predict: Callable[[np.ndarray], np.ndarray | None] | None = None,
+    ) -> None:
+        self.classifier = classifier
+        self.segmenter = segmenter
+        self._predict = predict or classifier.predict
+
+    def run(self, image: np.ndarray, options: ClassifyOptions | None = None) -> FieldResult:
+        """Classify every cell of one field.
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            (H, W, 4) R, G, B, Y, ``uint8`` or ``uint16``.
+        options : ClassifyOptions, optional
+            What to compute.
+
+        Returns
+        -------
+        FieldResult
+            Cells with labels, probabilities, masks and attributions, plus stage timings.
+        """
+        options = options or ClassifyOptions()
+        timings: dict[str, float] = {}
+
+        t = time.perf_counter()
+        cell_labels, _nuclei = self.segmenter.segment(image)
+        timings["segment"] = (time.perf_counter() - t) * 1e3
+
+        t = time.perf_counter()
+        records = cell_records(cell_labels)
+        ids = [r.id for r in records]
+        rule = self.classifier.crop_rule
+        _, batch = crop_cells(image, cell_labels, rule, ids)
+        timings["crop"] = (time.perf_counter() - t) * 1e3
+
+        t = time.perf_counter()
+        probs = self._predict(batch) if batch.shape[0] else np.zeros((0, NUM_CLASSES), dtype=np.float32)
+        timings["classify"] = (time.perf_counter() - t) * 1e3
+
+        if options.threshold is not None:
+            thresholds = np.full(NUM_CLASSES, options.threshold, dtype=np.float32)
+        else:
+            thresholds = self.classifier.thresholds
+        cells = [
+            CellResult(
+                record=r, probabilities=probs[i], labels=[int(k) for k in np.flatnonzero(probs[i] >= thresholds)]
+            )
+            for i, r in enumerate(records)
+        ]
+
+        if options.attributions and cells:
+            t = time.perf_counter()
+            self._attribute(batch, cells, options)
+            timings["attribute"] = (time.perf_counter() - t) * 1e3
+
+        t = time.perf_counter()
+        if options.include_masks and cells:
+            rles = encode_label_masks(cell_labels, ids)
+            for cell in cells:
+                cell.mask = rles[cell.record.id]
+        timings["encode"] = (time.perf_counter() - t) * 1e3
+        h, w = cell_labels.shape
+        return FieldResult(height=h, width=w, cells=cells, timings_ms=timings, cell_labels=cell_labels)
+
+    def _attribute(self, batch: np.ndarray, cells: list[CellResult], options: ClassifyOptions) -> None:
+        from service.attribution import encode_map, integrated_gradients, map_to_box
+
+        grad = self.classifier.manifest.grad
+        assert grad is not None  # checked by the caller
+        targets = [
+            list(options.attribution_classes) if options.attribution_classes is not None else list(c.labels)
+            for c in cells
+        ]
+        maps = integrated_gradients(
+            self.classifier.grad_session(),
+            grad.batch,
+            batch,
+            targets,
+            steps=options.ig_steps,
+            baseline=options.ig_baseline,
+        )
+        rule = self.classifier.crop_rule
+        for cell, cell_maps in zip(cells, maps, strict=True):
+            for amap in cell_maps:
+                boxed = map_to_box(amap.map, cell.record.bbox, rule)
+                cell.attributions.append(
+                    {
+                        "class_id": amap.class_id,
+                        "name": CLASS_NAMES[amap.class_id],
+                        "bbox": list(cell.record.bbox),
+                        "map": encode_map(boxed),
+                        "completeness_error": float(amap.completeness_error),
+                        "score": float(amap.score),
+                        "baseline_score": float(amap.baseline_score),
+                        "steps": options.ig_steps,
+                    }
+                )

@@ -1,0 +1,49 @@
+"""``locus serve``: run the HTTP service with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["configure_parser", "run"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``serve`` options (each overrides its ``LOCUS_*`` setting)."""
+    parser.add_argument("--host", default=None, help="interface to bind (LOCUS_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (LOCUS_PORT, default 8000)")
+    parser.add_argument("--model", default=None, help="model folder (LOCUS_MODEL_DIR)")
+    parser.add_argument("--segmenter", default=None, help="classical, hpa or hpacellseg (LOCUS_SEGMENTER)")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start uvicorn on the app; returns when the server stops (SIGINT/SIGTERM drain gracefully)."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "model_dir": args.model,
+            "segmenter": args.segmenter,
+            "log_level": args.log_level,
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        access_log=True,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
