@@ -1,0 +1,70 @@
+"""Submission CSV reader, writer and resumable writer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.encoding import encode_binary_mask
+from training.submission import SubmissionRow, SubmissionWriter, read_submission, write_submission
+
+
+def _rows() -> list[SubmissionRow]:
+    m = np.zeros((6, 8), dtype=bool)
+    m[1:4, 2:5] = True
+    s = encode_binary_mask(m)
+    return [
+        SubmissionRow("a1", 8, 6, [(0, 0.75, s), (16, 0.5, s)]),
+        SubmissionRow("b2", 8, 6, []),
+        SubmissionRow("c3", 8, 6, [(18, 1.0, s)]),
+    ]
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "submission.csv"
+    assert write_submission(path, _rows()) == 3
+    text = path.read_text()
+    assert text.splitlines()[0] == "ID,ImageWidth,ImageHeight,PredictionString"
+    assert text.splitlines()[2] == "b2,8,6,"
+    back = read_submission(path)
+    assert list(back) == ["a1", "b2", "c3"]
+    assert back["a1"] == _rows()[0]
+    assert back["b2"].predictions == []
+
+
+def test_validation(tmp_path):
+    path = tmp_path / "s.csv"
+    with pytest.raises(ValueError, match="duplicate"):
+        write_submission(path, [_rows()[0], _rows()[0]])
+    path.write_text("ID,Width,Height,PredictionString\n")
+    with pytest.raises(ValueError, match="header"):
+        read_submission(path)
+    path.write_text("ID,ImageWidth,ImageHeight,PredictionString\nx,8,6,0 0.5\n")
+    with pytest.raises(ValueError, match=":2"):
+        read_submission(path)
+    path.write_text("ID,ImageWidth,ImageHeight,PredictionString\nx,8,6,\nx,8,6,\n")
+    with pytest.raises(ValueError, match="duplicate"):
+        read_submission(path)
+    with pytest.raises(ValueError):
+        write_submission(path, [SubmissionRow("bad id", 8, 6, [])])
+
+
+def test_writer_resumes_and_repairs_partial_line(tmp_path):
+    path = tmp_path / "s.csv"
+    rows = _rows()
+    with SubmissionWriter(path) as w:
+        assert w.done == set()
+        w.write(rows[0])
+        w.write(rows[1])
+    # Simulate a crash in the middle of the third row.
+    with open(path, "a") as fh:
+        fh.write("c3,8,6,18 1.0 eNo")
+    with SubmissionWriter(path) as w:
+        assert w.done == {"a1", "b2"}
+        with pytest.raises(ValueError, match="already"):
+            w.write(rows[0])
+        w.write(rows[2])
+    assert list(read_submission(path)) == ["a1", "b2", "c3"]
+    with SubmissionWriter(path, resume=False) as w:
+        assert w.done == set()
+    assert read_submission(path) == {}

@@ -1,0 +1,505 @@
+"""The competition metric: mean average precision over the 19 classes at mask IoU >= 0.6.
+
+This follows the OpenImages instance-segmentation challenge evaluation that
+the Kaggle "HPA Single-Cell Image Classification" (2021) task used:
+
+* A ground-truth (GT) cell labelled with k classes is one GT instance of each
+  of those k classes. A prediction is a (class, confidence, mask) triple.
+* Per class and per image, predictions are taken in decreasing confidence
+  (stable sort: ties keep their input order). Each prediction is compared with
+  every GT instance of its class in that image; the GT with the highest IoU
+  (first one on ties) is its candidate. If that IoU is >= the threshold (0.6)
+  and the candidate is not matched yet, the prediction is a true positive (TP)
+  and the GT becomes matched; if the candidate is already matched, the
+  prediction is a duplicate and a false positive (FP); below the threshold it
+  is an FP. Predictions of a class in an image without GT of that class are
+  FPs: every class counts as verified in every image (there are no
+  image-level "not verified" labels here).
+* Per class, all predictions over all images are ranked by confidence
+  (stable sort; ties keep image order, then the per-image order); precision
+  and recall are accumulated down the ranking, precision is made
+  monotonically non-increasing (from the right) and AP is the area under that
+  precision-recall step curve (VOC 2010+/OpenImages style, no 11-point
+  interpolation).
+* **Classes absent from the truth** (no GT instance in any image): their AP is
+  undefined. As in OpenImages (``np.nanmean`` over classes) they get AP = NaN,
+  are shown as "n/a" and are *excluded* from the mean; their predictions are
+  still counted in ``n_pred``. If no class has GT, mAP is NaN.
+* Masks are compared at full resolution as COCO RLEs with
+  ``pycocotools.mask.iou`` (no pixel decoding of predictions: the Kaggle mask
+  strings are only unzipped to RLE counts).
+
+Also here: :func:`segmentation_scores`, the segmentation quality of a predicted
+label image against the true one (one-to-one matches at IoU >= threshold).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from scipy.optimize import linear_sum_assignment
+
+from service.classes import CLASS_NAMES, NUM_CLASSES
+from service.encoding import encode_label_masks, kaggle_to_rle
+
+__all__ = [
+    "IOU_THRESHOLD",
+    "MetricResult",
+    "average_precision",
+    "match_image",
+    "mask_ious",
+    "evaluate",
+    "evaluate_folder",
+    "truth_from_labels",
+    "segmentation_scores",
+]
+
+IOU_THRESHOLD: float = 0.6
+"""IoU at or above which a prediction can match a GT cell (the competition's value)."""
+
+#: One GT instance: (COCO RLE dict, class ids of the cell).
+GTCell = tuple[dict, Sequence[int]]
+#: One prediction: (class id, confidence, mask as COCO RLE dict or Kaggle mask string).
+Prediction = tuple[int, float, "dict | str"]
+
+
+def _to_pycoco(rle: dict) -> dict:
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    elif not isinstance(counts, bytes):
+        h, w = (int(v) for v in rle["size"])
+        return mask_utils.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def mask_ious(pred_rles: Sequence[dict], gt_rles: Sequence[dict]) -> np.ndarray:
+    """IoU of every prediction mask with every GT mask.
+
+    Parameters
+    ----------
+    pred_rles, gt_rles : sequence of dict
+        COCO RLEs (compressed counts as str/bytes, or uncompressed lists), all of one image size.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (len(pred_rles), len(gt_rles)), float64.
+    """
+    if len(pred_rles) == 0 or len(gt_rles) == 0:
+        return np.zeros((len(pred_rles), len(gt_rles)), dtype=np.float64)
+    dts = [_to_pycoco(r) for r in pred_rles]
+    gts = [_to_pycoco(r) for r in gt_rles]
+    sizes = {tuple(r["size"]) for r in dts} | {tuple(r["size"]) for r in gts}
+    if len(sizes) != 1:
+        raise ValueError(f"masks of one image must share one size; got {sorted(sizes)}")
+    ious = mask_utils.iou(dts, gts, [0] * len(gts))
+    return np.asarray(ious, dtype=np.float64).reshape(len(dts), len(gts))
+
+
+def match_image(
+    pred_rles: Sequence[dict] | None,
+    pred_scores: Sequence[float] | np.ndarray,
+    gt_rles: Sequence[dict] | None,
+    iou_threshold: float = IOU_THRESHOLD,
+    *,
+    ious: np.ndarray | None = None,
+) -> np.ndarray:
+    """Match the predictions of one class in one image to that class's GT instances.
+
+    Parameters
+    ----------
+    pred_rles : sequence of dict or None
+        Prediction masks (COCO RLE); may be None when ``ious`` is given.
+    pred_scores : array-like of float
+        Confidences, same length as the predictions.
+    gt_rles : sequence of dict or None
+        GT masks of this class in this image; may be None when ``ious`` is given.
+    iou_threshold : float
+        Minimum IoU for a match (inclusive).
+    ious : numpy.ndarray, optional
+        Precomputed IoU matrix, shape (n_pred, n_gt).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``bool`` array in the input order of the predictions: True for a TP.
+        Predictions are processed by decreasing confidence (stable); each
+        takes its best-IoU GT (first on ties); TP if that IoU >= threshold
+        and that GT is unmatched, otherwise FP (duplicates are FPs).
+    """
+    scores = np.asarray(pred_scores, dtype=np.float64).ravel()
+    if ious is None:
+        ious = mask_ious(list(pred_rles or []), list(gt_rles or []))
+    ious = np.asarray(ious, dtype=np.float64).reshape(len(scores), -1) if len(scores) else np.zeros((0, 0))
+    tp = np.zeros(len(scores), dtype=bool)
+    if len(scores) == 0 or ious.shape[1] == 0:
+        return tp
+    matched = np.zeros(ious.shape[1], dtype=bool)
+    for k in np.argsort(-scores, kind="stable"):
+        j = int(np.argmax(ious[k]))
+        if ious[k, j] >= iou_threshold and not matched[j]:
+            matched[j] = True
+            tp[k] = True
+    return tp
+
+
+def average_precision(scores: Sequence[float] | np.ndarray, tp: Sequence[bool] | np.ndarray, n_gt: int) -> float:
+    """Average precision of one class (OpenImages / VOC 2010+ style).
+
+    Parameters
+    ----------
+    scores : array-like of float
+        Confidences of all predictions of the class, over all images.
+    tp : array-like of bool
+        Whether each prediction is a true positive.
+    n_gt : int
+        Number of GT instances of the class.
+
+    Returns
+    -------
+    float
+        Area under the precision-recall curve with precision made
+        monotonically non-increasing; predictions ranked by decreasing
+        confidence with a stable sort. NaN when ``n_gt == 0`` (undefined),
+        0.0 when there are GT instances but no prediction.
+
+    Raises
+    ------
+    ValueError
+        Lengths differ, or more TPs than GT instances.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    tp = np.asarray(tp, dtype=bool).ravel()
+    if scores.shape != tp.shape:
+        raise ValueError(f"scores and tp differ in length ({len(scores)} vs {len(tp)})")
+    if int(tp.sum()) > n_gt:
+        raise ValueError(f"{int(tp.sum())} true positives but only {n_gt} GT instances")
+    if n_gt == 0:
+        return math.nan
+    if len(scores) == 0:
+        return 0.0
+    tp = tp[np.argsort(-scores, kind="stable")]
+    tp_cum = np.cumsum(tp)
+    precision = tp_cum / np.arange(1, len(tp) + 1)
+    recall = tp_cum / n_gt
+    recall = np.concatenate(([0.0], recall, [1.0]))
+    precision = np.concatenate(([0.0], precision, [0.0]))
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.flatnonzero(recall[1:] != recall[:-1]) + 1
+    return float(np.sum((recall[steps] - recall[steps - 1]) * precision[steps]))
+
+
+@dataclass
+class MetricResult:
+    """The metric's result.
+
+    Attributes
+    ----------
+    ap : dict of int to float
+        AP per class id 0-18; NaN where the class has no GT instance.
+    n_gt, n_pred, n_tp : dict of int to int
+        GT instances, predictions and true positives per class.
+    mean_ap : float
+        Mean of the defined APs (NaN classes excluded); NaN if none is defined.
+    iou_threshold : float
+        The IoU threshold used.
+    n_images : int
+        Images scored (those in the truth).
+    missing_ids : list of str
+        Truth images with no row in the predictions (scored as no predictions).
+    extra_ids : list of str
+        Prediction images not in the truth (ignored).
+    """
+
+    ap: dict[int, float]
+    n_gt: dict[int, int]
+    n_pred: dict[int, int]
+    n_tp: dict[int, int]
+    mean_ap: float
+    iou_threshold: float = IOU_THRESHOLD
+    n_images: int = 0
+    missing_ids: list[str] = field(default_factory=list)
+    extra_ids: list[str] = field(default_factory=list)
+
+    @property
+    def mAP(self) -> float:  # noqa: N802 - the metric's usual name
+        """Alias of :attr:`mean_ap`."""
+        return self.mean_ap
+
+    def table(self) -> str:
+        """Format a per-class table and the final ``mAP: 0.xxx`` line.
+
+        Returns
+        -------
+        str
+        """
+        lines = [f"{'id':>2}  {'class':<42} {'n GT':>7} {'n pred':>7} {'AP':>7}"]
+        for c in range(NUM_CLASSES):
+            ap = self.ap[c]
+            ap_text = "n/a" if math.isnan(ap) else f"{ap:.3f}"
+            lines.append(f"{c:>2}  {CLASS_NAMES[c]:<42} {self.n_gt[c]:>7} {self.n_pred[c]:>7} {ap_text:>7}")
+        n_def = sum(not math.isnan(v) for v in self.ap.values())
+        lines.append(f"{n_def} of {NUM_CLASSES} classes have ground truth (n/a: excluded from the mean); "
+                     f"{self.n_images} images; IoU >= {self.iou_threshold:g}")
+        if self.missing_ids:
+            lines.append(f"{len(self.missing_ids)} truth image(s) without predictions: "
+                         f"{', '.join(self.missing_ids[:10])}")
+        if self.extra_ids:
+            lines.append(f"{len(self.extra_ids)} predicted image(s) not in the truth (ignored): "
+                         f"{', '.join(self.extra_ids[:10])}")
+        lines.append("mAP: n/a" if math.isnan(self.mean_ap) else f"mAP: {self.mean_ap:.3f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (NaN written as None).
+
+        Returns
+        -------
+        dict
+        """
+
+        def num(v: float) -> float | None:
+            return None if math.isnan(v) else float(v)
+
+        return {
+            "mAP": num(self.mean_ap),
+            "iou_threshold": self.iou_threshold,
+            "n_images": self.n_images,
+            "classes": [
+                {"id": c, "name": CLASS_NAMES[c], "ap": num(self.ap[c]), "n_gt": self.n_gt[c],
+                 "n_pred": self.n_pred[c], "n_tp": self.n_tp[c]}
+                for c in range(NUM_CLASSES)
+            ],
+            "missing_ids": list(self.missing_ids),
+            "extra_ids": list(self.extra_ids),
+        }
+
+
+def _predictions_of(value: Any) -> tuple[list[tuple[int, float, Any]], tuple[int, int] | None]:
+    """Predictions and (height, width) of one image from a SubmissionRow-like object or a list."""
+    if hasattr(value, "predictions") and hasattr(value, "height") and hasattr(value, "width"):
+        return list(value.predictions), (int(value.height), int(value.width))
+    return list(value), None
+
+
+def evaluate(
+    truth: Mapping[str, Sequence[GTCell]],
+    predictions: Mapping[str, Any],
+    iou_threshold: float = IOU_THRESHOLD,
+    *,
+    sizes: Mapping[str, tuple[int, int]] | None = None,
+) -> MetricResult:
+    """Score predictions against ground truth.
+
+    Parameters
+    ----------
+    truth : mapping of str to sequence of (dict, sequence of int)
+        Per image ID, its GT cells as (COCO RLE, class ids). An image with no
+        cells is an empty sequence. Image order (the mapping's order) breaks
+        confidence ties across images.
+    predictions : mapping of str to sequence of (int, float, dict or str), or to SubmissionRow
+        Per image ID, (class, confidence, mask) with the mask as COCO RLE or
+        Kaggle mask string; or :class:`training.submission.SubmissionRow`
+        objects (their width/height are checked against the truth).
+    iou_threshold : float
+        Match threshold (0.6 in the competition).
+    sizes : mapping of str to (int, int), optional
+        (height, width) per image, needed only to decode Kaggle strings of an
+        image whose truth has no cells (otherwise the GT RLE size is used).
+
+    Returns
+    -------
+    MetricResult
+
+    Raises
+    ------
+    ValueError
+        A class id outside 0-18, or an image size that differs between
+        prediction and truth.
+    """
+    scores: dict[int, list[np.ndarray]] = {c: [] for c in range(NUM_CLASSES)}
+    tps: dict[int, list[np.ndarray]] = {c: [] for c in range(NUM_CLASSES)}
+    n_gt = dict.fromkeys(range(NUM_CLASSES), 0)
+    sizes = dict(sizes or {})
+    missing = [i for i in truth if i not in predictions]
+    extra = [i for i in predictions if i not in truth]
+    if extra:
+        warnings.warn(f"{len(extra)} predicted image(s) are not in the truth and are ignored: {extra[:5]}",
+                      stacklevel=2)
+    for image_id, cells in truth.items():
+        cells = list(cells)
+        gt_classes = [sorted({int(c) for c in classes}) for _, classes in cells]
+        for classes in gt_classes:
+            for c in classes:
+                if not 0 <= c < NUM_CLASSES:
+                    raise ValueError(f"{image_id}: GT class id {c} is outside 0-{NUM_CLASSES - 1}")
+                n_gt[c] += 1
+        preds, pred_size = _predictions_of(predictions.get(image_id, []))
+        if not preds:
+            continue
+        size = tuple(int(v) for v in cells[0][0]["size"]) if cells else sizes.get(image_id, pred_size)
+        if pred_size is not None and size is not None and tuple(size) != pred_size:
+            raise ValueError(f"{image_id}: the prediction is for a {pred_size[1]}x{pred_size[0]} image "
+                             f"but the truth is {size[1]}x{size[0]}")
+        pred_cls = np.array([int(p[0]) for p in preds], dtype=np.int64)
+        if np.any((pred_cls < 0) | (pred_cls >= NUM_CLASSES)):
+            raise ValueError(f"{image_id}: predicted class id outside 0-{NUM_CLASSES - 1}")
+        pred_conf = np.array([float(p[1]) for p in preds], dtype=np.float64)
+        if cells:
+            rles = [kaggle_to_rle(m, size[0], size[1]) if isinstance(m, str) else m for _, _, m in preds]
+            ious = mask_ious(rles, [rle for rle, _ in cells])
+        else:
+            ious = np.zeros((len(preds), 0))
+        for c in np.unique(pred_cls).tolist():
+            pi = np.flatnonzero(pred_cls == c)
+            gi = [j for j, classes in enumerate(gt_classes) if c in classes]
+            tp = match_image(None, pred_conf[pi], None, iou_threshold, ious=ious[np.ix_(pi, gi)])
+            scores[c].append(pred_conf[pi])
+            tps[c].append(tp)
+    ap: dict[int, float] = {}
+    n_pred: dict[int, int] = {}
+    n_tp: dict[int, int] = {}
+    for c in range(NUM_CLASSES):
+        s = np.concatenate(scores[c]) if scores[c] else np.zeros(0)
+        t = np.concatenate(tps[c]) if tps[c] else np.zeros(0, dtype=bool)
+        ap[c] = average_precision(s, t, n_gt[c])
+        n_pred[c] = len(s)
+        n_tp[c] = int(t.sum())
+    defined = [v for v in ap.values() if not math.isnan(v)]
+    mean_ap = float(np.mean(defined)) if defined else math.nan
+    return MetricResult(ap=ap, n_gt=n_gt, n_pred=n_pred, n_tp=n_tp, mean_ap=mean_ap, iou_threshold=iou_threshold,
+                        n_images=len(truth), missing_ids=missing, extra_ids=extra)
+
+
+def truth_from_labels(cells: np.ndarray, cell_labels: Mapping[int, Sequence[int]]) -> list[GTCell]:
+    """Build one image's GT cells from a label image and per-cell classes.
+
+    Parameters
+    ----------
+    cells : numpy.ndarray
+        (H, W) cell label image, 0 = background.
+    cell_labels : mapping of int to sequence of int
+        Class ids per cell id. Cells of the image without an entry are
+        skipped with a warning (they are instances of no class); entries for
+        cells not in the image become empty-mask instances, also with a warning.
+
+    Returns
+    -------
+    list of (dict, list of int)
+        (COCO RLE, class ids) per cell, in cell id order.
+    """
+    present = set(np.unique(cells).tolist()) - {0}
+    unlabelled = sorted(present - set(cell_labels))
+    absent = sorted(set(cell_labels) - present)
+    if unlabelled:
+        warnings.warn(f"{len(unlabelled)} cell(s) have no labels and are not GT instances: {unlabelled[:10]}",
+                      stacklevel=2)
+    if absent:
+        warnings.warn(f"{len(absent)} labelled cell(s) are not in the label image: {absent[:10]}", stacklevel=2)
+    ids = sorted(cell_labels)
+    rles = encode_label_masks(cells, ids)
+    return [(rles[i], sorted({int(c) for c in cell_labels[i]})) for i in ids]
+
+
+def evaluate_folder(
+    truth_dir: str | os.PathLike, submission_csv: str | os.PathLike, iou_threshold: float = IOU_THRESHOLD
+) -> MetricResult:
+    """Score a submission CSV against a ground-truth folder.
+
+    Parameters
+    ----------
+    truth_dir : path-like
+        Dataset folder containing ``truth/`` (``{ID}_cells.png`` and
+        ``cells.csv``), or the ``truth/`` folder itself.
+    submission_csv : path-like
+        Submission CSV (``ID,ImageWidth,ImageHeight,PredictionString``).
+    iou_threshold : float
+        Match threshold.
+
+    Returns
+    -------
+    MetricResult
+    """
+    from training.hpa_data import load_truth, read_cell_labels, truth_ids
+    from training.submission import read_submission
+
+    ids = truth_ids(truth_dir)
+    if not ids:
+        raise ValueError(f"{truth_dir}: no truth/{{ID}}_cells.png found")
+    labels = read_cell_labels(truth_dir)
+    truth: dict[str, list[GTCell]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for image_id in ids:
+        t = load_truth(truth_dir, image_id, cell_labels=labels.get(image_id, {}))
+        truth[image_id] = truth_from_labels(t.cells, t.cell_labels)
+        sizes[image_id] = (int(t.cells.shape[0]), int(t.cells.shape[1]))
+    return evaluate(truth, read_submission(submission_csv), iou_threshold, sizes=sizes)
+
+
+def segmentation_scores(
+    pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5
+) -> dict[str, float | int]:
+    """Segmentation quality: one-to-one matches of predicted and true cells at IoU >= threshold.
+
+    Parameters
+    ----------
+    pred_labels, true_labels : numpy.ndarray
+        (H, W) label images, 0 = background, same shape.
+    iou_threshold : float
+        Minimum IoU of a match (inclusive).
+
+    Returns
+    -------
+    dict
+        ``n_pred``, ``n_true``, ``n_matched``; ``precision`` = matched / n_pred,
+        ``recall`` = matched / n_true, ``f1`` = 2 matched / (n_pred + n_true)
+        (1.0 when both are empty; precision is 1.0 with no predictions only if
+        there is no true cell, likewise recall); ``mean_iou``: mean IoU of the
+        matched pairs (NaN without matches); ``iou_threshold``. Matches are
+        the IoU-maximising one-to-one assignment among pairs over the threshold.
+    """
+    pred = np.asarray(pred_labels)
+    true = np.asarray(true_labels)
+    if pred.shape != true.shape:
+        raise ValueError(f"label images differ in shape: {pred.shape} vs {true.shape}")
+    p_ids, p_inv = np.unique(pred.ravel(), return_inverse=True)
+    t_ids, t_inv = np.unique(true.ravel(), return_inverse=True)
+    p_area = np.bincount(p_inv, minlength=len(p_ids))
+    t_area = np.bincount(t_inv, minlength=len(t_ids))
+    both = (pred.ravel() != 0) & (true.ravel() != 0)
+    inter = np.bincount(p_inv[both] * len(t_ids) + t_inv[both], minlength=len(p_ids) * len(t_ids))
+    inter = inter.reshape(len(p_ids), len(t_ids)).astype(np.float64)
+    p_keep = p_ids != 0
+    t_keep = t_ids != 0
+    inter = inter[np.ix_(p_keep, t_keep)]
+    union = p_area[p_keep][:, None] + t_area[t_keep][None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    n_pred, n_true = int(p_keep.sum()), int(t_keep.sum())
+    matched_ious = np.zeros(0)
+    if n_pred and n_true:
+        cand = np.where(iou >= iou_threshold, iou, 0.0)
+        rows, cols = linear_sum_assignment(cand, maximize=True)
+        ok = (iou[rows, cols] >= iou_threshold) & (iou[rows, cols] > 0)
+        matched_ious = iou[rows[ok], cols[ok]]
+    n_matched = len(matched_ious)
+    precision = n_matched / n_pred if n_pred else float(n_true == 0)
+    recall = n_matched / n_true if n_true else float(n_pred == 0)
+    f1 = 2 * n_matched / (n_pred + n_true) if (n_pred + n_true) else 1.0
+    return {
+        "n_pred": n_pred,
+        "n_true": n_true,
+        "n_matched": n_matched,
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "mean_iou": float(matched_ious.mean()) if n_matched else math.nan,
+        "iou_threshold": float(iou_threshold),
+    }
