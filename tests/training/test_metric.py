@@ -228,7 +228,7 @@ def _reference_map(truth_masks, preds, thr=0.6):
 def test_against_independent_implementation():
     rng = np.random.default_rng(7)
     shape = (24, 30)
-    for _trial in range(25):
+    for _trial in range(40):
         truth_masks, preds = {}, {}
         for img in range(3):
             labels = np.zeros(shape, dtype=np.int32)
@@ -244,8 +244,12 @@ def test_against_independent_implementation():
             truth_masks[f"im{img}"] = cells
             plist = []
             for _ in range(int(rng.integers(0, 8))):
+                cls = int(rng.integers(0, 4))
                 if cells and rng.random() < 0.7:
-                    base = cells[int(rng.integers(len(cells)))][0].copy()
+                    base, cell_cls = cells[int(rng.integers(len(cells)))]
+                    base = base.copy()
+                    if rng.random() < 0.8:
+                        cls = int(rng.choice(cell_cls))
                     # Perturb: drop/add a few pixels so that IoUs spread around 0.6.
                     rr, cc = np.nonzero(base)
                     drop = rng.random(len(rr)) < rng.uniform(0, 0.6)
@@ -256,7 +260,7 @@ def test_against_independent_implementation():
                     base = np.zeros(shape, dtype=bool)
                     r, c = rng.integers(0, shape[0] - 5), rng.integers(0, shape[1] - 5)
                     base[r : r + 5, c : c + 5] = True
-                plist.append((int(rng.integers(0, 4)), float(np.round(rng.random(), 1)), base))  # ties on purpose
+                plist.append((cls, float(np.round(rng.random(), 1)), base))  # ties on purpose
             preds[f"im{img}"] = plist
         ref = _reference_map(truth_masks, preds)
         truth = {i: [(encode_mask_coco(m), cl) for m, cl in cells] for i, cells in truth_masks.items()}
