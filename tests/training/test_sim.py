@@ -1,0 +1,161 @@
+"""HPA-sim: determinism, ground-truth consistency, layout, CLI, label coverage and biological sanity."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from service.classes import NUM_CLASSES, parse_label
+from service.imaging import load_field
+from training.sim.generator import SimConfig, SimField, field_id, generate_field, write_dataset
+
+SMALL = SimConfig(size=256)
+
+
+@pytest.fixture(scope="module")
+def fields() -> list[SimField]:
+    """Fifty small fields, generated once for the statistics tests."""
+    return [generate_field(i, 7, SMALL) for i in range(50)]
+
+
+def test_same_seed_gives_identical_bytes():
+    a = generate_field(3, 11, SMALL)
+    b = generate_field(3, 11, SMALL)
+    for name in ("image", "cells", "nuclei"):
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    assert a.cell_labels == b.cell_labels
+    c = generate_field(4, 11, SMALL)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_field_alone_equals_field_in_batch(tmp_path: Path):
+    out = write_dataset(tmp_path / "ds", 3, seed=5, config=SMALL, workers=2, progress=False)
+    alone = generate_field(2, 5, SMALL)
+    fid = field_id(2)
+    img = load_field([out / f"{fid}_{c}.png" for c in ("red", "green", "blue", "yellow")])
+    assert np.array_equal(img, alone.image)
+    cells = cv2.imread(str(out / "truth" / f"{fid}_cells.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(cells, alone.cells)
+
+
+def test_ground_truth_is_consistent(fields: list[SimField]):
+    for f in fields:
+        h, w = f.cells.shape
+        assert f.image.shape == (h, w, 4) and f.image.dtype == np.uint8
+        assert f.cells.dtype == np.uint16 and f.nuclei.dtype == np.uint16
+        ids = np.unique(f.cells)
+        ids = ids[ids > 0]
+        n = len(ids)
+        assert n >= 1
+        assert np.array_equal(ids, np.arange(1, n + 1)), "cell ids must be contiguous 1..n"
+        assert sorted(f.cell_labels) == list(range(1, n + 1))
+        nuc = f.nuclei > 0
+        # Every nucleus pixel lies in the cell of the same id, and every cell has a nucleus.
+        assert np.array_equal(f.nuclei[nuc], f.cells[nuc])
+        assert set(np.unique(f.nuclei[nuc])) == set(range(1, n + 1))
+        for labels in f.cell_labels.values():
+            assert labels and labels == sorted(set(labels))
+            assert all(0 <= c < NUM_CLASSES for c in labels)
+            assert 18 not in labels or labels == [18], "negative is exclusive"
+        for k in f.mitotic:
+            assert not set(f.cell_labels[k]) & {0, 1, 2, 3, 4, 5}
+        for k, labels in f.cell_labels.items():
+            if 11 in labels:
+                assert k in f.mitotic, "only mitotic cells show a spindle"
+
+
+def test_bit_depths():
+    f8 = generate_field(1, 0, SimConfig(size=256, bit_depth=8))
+    f16 = generate_field(1, 0, SimConfig(size=256, bit_depth=16))
+    assert f8.image.dtype == np.uint8 and f16.image.dtype == np.uint16
+    assert np.array_equal(f8.cells, f16.cells)
+    assert int(f16.image.max()) > 255
+    with pytest.raises(ValueError):
+        SimConfig(bit_depth=12)
+
+
+def test_written_layout(tmp_path: Path):
+    cfg = SimConfig(size=256, bit_depth=16)
+    out = write_dataset(tmp_path / "ds", 3, seed=1, config=cfg, workers=1, progress=False)
+    with open(out / "train.csv") as fh:
+        train = list(csv.DictReader(fh))
+    with open(out / "truth" / "cells.csv") as fh:
+        cells_rows = list(csv.DictReader(fh))
+    assert [r["ID"] for r in train] == ["sim_00000", "sim_00001", "sim_00002"]
+    per_image: dict[str, set[int]] = {}
+    for r in cells_rows:
+        per_image.setdefault(r["ID"], set()).update(parse_label(r["Label"]))
+    for r in train:
+        fid = r["ID"]
+        assert set(parse_label(r["Label"])) == per_image[fid], "image label = union of cell labels"
+        img = load_field({c: str(out / f"{fid}_{c}.png") for c in ("red", "green", "blue", "yellow")})
+        assert img.shape == (256, 256, 4) and img.dtype == np.uint16
+        cells = cv2.imread(str(out / "truth" / f"{fid}_cells.png"), cv2.IMREAD_UNCHANGED)
+        nuclei = cv2.imread(str(out / "truth" / f"{fid}_nuclei.png"), cv2.IMREAD_UNCHANGED)
+        assert cells.dtype == np.uint16 and nuclei.dtype == np.uint16
+        ids = {int(row["cell_id"]) for row in cells_rows if row["ID"] == fid}
+        assert ids == set(range(1, int(cells.max()) + 1))
+    meta = json.loads((out / "sim.json").read_text())
+    assert meta["seed"] == 1 and meta["n"] == 3 and meta["config"]["bit_depth"] == 16
+
+
+def test_cli_writes_layout(tmp_path: Path):
+    from service.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["sim", "--n", "2", "--size", "128", "--seed", "3", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert (out / "train.csv").exists() and (out / "sim.json").exists()
+    assert (out / "sim_00001_yellow.png").exists() and (out / "truth" / "sim_00001_nuclei.png").exists()
+
+
+def test_all_classes_occur(fields: list[SimField]):
+    cell_counts: Counter[int] = Counter()
+    image_counts: Counter[int] = Counter()
+    for f in fields:
+        for labels in f.cell_labels.values():
+            cell_counts.update(labels)
+        image_counts.update(f.image_labels)
+    missing = [c for c in range(NUM_CLASSES) if image_counts[c] == 0]
+    assert not missing, f"classes never generated over 50 fields: {missing}"
+    # Nucleoplasm and cytosol are the most common, as in HPA.
+    top = {c for c, _ in cell_counts.most_common(4)}
+    assert top & {0, 16}
+    # Most cells carry 1-3 labels.
+    sizes = [len(v) for f in fields for v in f.cell_labels.values()]
+    assert np.mean([1 <= s <= 3 for s in sizes]) > 0.95
+
+
+def _nucleus_to_cytoplasm(f: SimField, k: int) -> float:
+    """Mean background-subtracted green in the nucleus over that in the cytoplasm of cell k."""
+    g = f.image[:, :, 1].astype(np.float64)
+    bg = float(np.median(g[f.cells == 0])) if (f.cells == 0).any() else 0.0
+    nuc = f.nuclei == k
+    cyt = (f.cells == k) & ~nuc
+    return float(max(g[nuc].mean() - bg, 1e-3) / max(g[cyt].mean() - bg, 1e-3))
+
+
+def _cells_with(fields: list[SimField], labels: list[int]) -> list[tuple[SimField, int]]:
+    return [(f, k) for f in fields for k, v in f.cell_labels.items() if v == labels]
+
+
+def test_green_compartments_match_labels(fields: list[SimField]):
+    """A nucleoplasm protein sits in the nucleus; a cytosolic one outside it."""
+    extra = [generate_field(i, 8, SMALL) for i in range(50, 90)]
+    pool = fields + extra
+    nucleo = _cells_with(pool, [0])
+    cyto = _cells_with(pool, [16])
+    assert len(nucleo) >= 3 and len(cyto) >= 3
+    nuc_ratio = [_nucleus_to_cytoplasm(f, k) for f, k in nucleo]
+    cyt_ratio = [_nucleus_to_cytoplasm(f, k) for f, k in cyto]
+    # Per pixel, a nucleoplasm protein is several times brighter in the nucleus than in the cytoplasm;
+    # a cytosolic one the other way round.
+    assert np.median(nuc_ratio) > 4.0, nuc_ratio
+    assert np.median(cyt_ratio) < 0.25, cyt_ratio
+    assert min(nuc_ratio) > 1.5 and max(cyt_ratio) < 0.6

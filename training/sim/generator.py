@@ -1,0 +1,401 @@
+"""HPA-sim field generator and dataset writer.
+
+A field is fully determined by ``(seed, index, config)``: its random source is
+``numpy.random.default_rng(numpy.random.SeedSequence([seed, index]))``, so field
+``i`` is byte-identical whether it is generated alone, in a batch or by another
+worker process.
+
+Label model
+-----------
+Each field picks an image-level "protein" localisation set (a primary class and
+often a co-occurring partner, e.g. nucleoplasm + cytosol). Most cells show it;
+some are negative or show a subset, and some fields hold a second population
+with a different class, so image labels (the union of cell labels) are weak as
+in the Kaggle competition. Mitotic cells lose nuclear patterns (a nucleoplasm
+protein spreads into the cytosol); only they can show the mitotic spindle.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from service.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES, format_label
+from training.sim.geometry import FieldGeometry, make_geometry, smooth_noise
+from training.sim.patterns import (
+    NUCLEAR_CLASSES,
+    PATTERNS,
+    PaintContext,
+    blue_channel,
+    cell_lut,
+    red_channel,
+    yellow_channel,
+)
+
+__all__ = ["SIM_VERSION", "SimConfig", "SimField", "generate_field", "write_dataset", "field_id"]
+
+SIM_VERSION = "1.0"
+MITOTIC_SPINDLE = 11
+
+#: Relative weight of each class as a field's primary localisation (balanced, no class starved).
+_PRIMARY_WEIGHTS: dict[int, float] = {c: 1.0 for c in range(NUM_CLASSES - 1)}
+_PRIMARY_WEIGHTS.update({0: 2.2, 16: 1.8, 11: 0.8, 2: 1.1, 13: 1.1})
+
+#: Co-occurring partners of a primary class: (partner, probability).
+_PARTNERS: dict[int, list[tuple[int, float]]] = {
+    0: [(16, 0.45), (2, 0.08), (5, 0.06), (4, 0.04), (1, 0.04)],
+    1: [(0, 0.3), (6, 0.1)],
+    2: [(0, 0.35), (3, 0.1)],
+    3: [(2, 0.3), (0, 0.2)],
+    4: [(0, 0.35)],
+    5: [(0, 0.4), (16, 0.1)],
+    6: [(16, 0.1), (1, 0.1)],
+    7: [(16, 0.2), (17, 0.15), (0, 0.1)],
+    8: [(16, 0.15)],
+    9: [(13, 0.3), (16, 0.15)],
+    10: [(16, 0.15), (11, 0.12)],
+    11: [(12, 0.3), (10, 0.25), (16, 0.2)],
+    12: [(16, 0.3), (0, 0.2), (11, 0.1)],
+    13: [(16, 0.3), (0, 0.15)],
+    14: [(16, 0.1), (0, 0.1)],
+    15: [(16, 0.3), (0, 0.2)],
+    16: [(0, 0.55), (17, 0.1), (13, 0.05)],
+    17: [(16, 0.3), (0, 0.15), (7, 0.1)],
+}
+
+
+@dataclass
+class SimConfig:
+    """Options of HPA-sim.
+
+    Attributes
+    ----------
+    size : int
+        Side of the square field in pixels (2048 is real HPA resolution; 512 the same field at 1/4).
+    bit_depth : int
+        8 or 16: dtype of the channel images.
+    cell_scale : float
+        Multiplier on cell size (1.0: cells 250-400 px across at 2048², ~60-100 px at 512²).
+    n_cells : tuple of int
+        Range of the number of cells seeded in the field (before border cells are dropped).
+    mitotic_fraction : float
+        Probability that a cell is mitotic (fields with a spindle protein always get a few).
+    negative_field_fraction : float
+        Probability that a field's protein shows no specific staining (all cells negative).
+    noise : float
+        Multiplier on shot and read noise (0 disables noise).
+    illumination : float
+        Strength of the uneven illumination gradient (0 disables it).
+    """
+
+    size: int = 512
+    bit_depth: int = 8
+    cell_scale: float = 1.0
+    n_cells: tuple[int, int] = (15, 35)
+    mitotic_fraction: float = 0.03
+    negative_field_fraction: float = 0.05
+    noise: float = 1.0
+    illumination: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.bit_depth not in (8, 16):
+            raise ValueError(f"bit_depth must be 8 or 16, got {self.bit_depth}")
+        if self.size < 64:
+            raise ValueError(f"size must be at least 64 px, got {self.size}")
+        if self.cell_scale <= 0:
+            raise ValueError("cell_scale must be positive")
+        self.n_cells = (int(self.n_cells[0]), int(self.n_cells[1]))
+        if not 1 <= self.n_cells[0] <= self.n_cells[1]:
+            raise ValueError(f"n_cells must be a range lo <= hi with lo >= 1, got {self.n_cells}")
+
+
+@dataclass
+class SimField:
+    """One generated field of view with its ground truth.
+
+    Attributes
+    ----------
+    image : numpy.ndarray
+        HxWx4 uint8 or uint16, channels R, G, B, Y.
+    cells : numpy.ndarray
+        uint16 cell labels, 0 = background, 1..n.
+    nuclei : numpy.ndarray
+        uint16 nucleus labels; nucleus k lies inside cell k.
+    cell_labels : dict of int to list of int
+        Sorted class ids per cell id (``[18]`` for negative cells).
+    field_labels : list of int
+        The field's intended protein localisation set (before per-cell heterogeneity).
+    mitotic : list of int
+        Ids of mitotic cells.
+    """
+
+    image: np.ndarray
+    cells: np.ndarray
+    nuclei: np.ndarray
+    cell_labels: dict[int, list[int]]
+    field_labels: list[int] = field(default_factory=list)
+    mitotic: list[int] = field(default_factory=list)
+
+    @property
+    def image_labels(self) -> list[int]:
+        """The image-level label: the sorted union of all cell labels."""
+        return sorted({c for labels in self.cell_labels.values() for c in labels})
+
+
+def field_id(index: int) -> str:
+    """The dataset ID of field ``index``, e.g. ``sim_00042``."""
+    return f"sim_{index:05d}"
+
+
+def _field_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
+
+
+def _sample_field_set(rng: np.random.Generator, config: SimConfig) -> list[int]:
+    if rng.random() < config.negative_field_fraction:
+        return [NEGATIVE]
+    classes = np.array(sorted(_PRIMARY_WEIGHTS))
+    weights = np.array([_PRIMARY_WEIGHTS[c] for c in classes])
+    primary = int(rng.choice(classes, p=weights / weights.sum()))
+    labels = {primary}
+    for partner, p in _PARTNERS.get(primary, []):
+        if rng.random() < p and len(labels) < 3:
+            labels.add(partner)
+    return sorted(labels)
+
+
+def _assign_cell_labels(rng: np.random.Generator, geo: FieldGeometry, field_set: list[int]) -> dict[int, list[int]]:
+    """Per-cell labels with heterogeneity around the field's set."""
+    n = geo.n
+    main = set(field_set) - {MITOTIC_SPINDLE}
+    alt: set[int] = set()
+    alt_frac = 0.0
+    if NEGATIVE not in field_set and rng.random() < 0.25:
+        primary = field_set[0]
+        options = [c for c, _ in _PARTNERS.get(primary, []) if c != MITOTIC_SPINDLE and c not in field_set]
+        if not options or rng.random() < 0.5:
+            options = [c for c in range(NUM_CLASSES - 1) if c not in field_set and c != MITOTIC_SPINDLE]
+        alt = {int(rng.choice(options))}
+        alt_frac = rng.uniform(0.1, 0.35)
+    # Share of cells without the protein (negative) and of cells showing only part of the set.
+    p_neg = 0.0 if rng.random() < 0.55 else rng.uniform(0.05, 0.3)
+    p_sub = rng.uniform(0.0, 0.3) if len(main) > 1 else 0.0
+    out: dict[int, list[int]] = {}
+    for k in range(1, n + 1):
+        u = rng.random()
+        if NEGATIVE in field_set:
+            labels: set[int] = set()
+        elif u < alt_frac:
+            labels = set(alt)
+        elif u < alt_frac + (1 - alt_frac) * p_neg:
+            labels = set()
+        elif rng.random() < p_sub:
+            ordered = sorted(main)
+            keep = rng.random(len(ordered)) < 0.5
+            if not keep.any():
+                keep[rng.integers(len(ordered))] = True
+            labels = {c for c, kk in zip(ordered, keep, strict=True) if kk}
+        else:
+            labels = set(main)
+        if geo.mitotic[k - 1]:
+            had_nucleoplasm = 0 in labels
+            labels -= NUCLEAR_CLASSES
+            if had_nucleoplasm:
+                labels.add(16)
+            if MITOTIC_SPINDLE in field_set and NEGATIVE not in field_set and rng.random() < 0.9:
+                labels.add(MITOTIC_SPINDLE)
+        out[k] = sorted(labels) if labels else [NEGATIVE]
+    return out
+
+
+def _quantise(v: np.ndarray, bit_depth: int) -> np.ndarray:
+    top = 255.0 if bit_depth == 8 else 65535.0
+    out = np.clip(v, 0.0, 1.0) * np.float32(top) + np.float32(0.5)
+    return out.astype(np.uint8 if bit_depth == 8 else np.uint16)
+
+
+def generate_field(index: int, seed: int, config: SimConfig | None = None) -> SimField:
+    """Generate field ``index`` of the dataset with seed ``seed``.
+
+    Parameters
+    ----------
+    index : int
+        Field index (the dataset ID is ``sim_{index:05d}``).
+    seed : int
+        Dataset seed.
+    config : SimConfig, optional
+        Options (default ``SimConfig()``: 512², 8-bit).
+
+    Returns
+    -------
+    SimField
+        The image and its ground truth; identical for equal ``(index, seed, config)``.
+    """
+    config = config or SimConfig()
+    rng = _field_rng(seed, index)
+    size = int(config.size)
+    scale = size / 2048.0 * config.cell_scale
+    n_cells = tuple(max(1, int(round(v / config.cell_scale**2))) for v in config.n_cells)
+    field_set = _sample_field_set(rng, config)
+    want_spindle = MITOTIC_SPINDLE in field_set
+    geo = make_geometry(
+        size,
+        rng,
+        scale=scale,
+        n_cells=n_cells,  # type: ignore[arg-type]
+        mitotic_fraction=max(config.mitotic_fraction, 0.08 if want_spindle else 0.0),
+        min_mitotic=int(rng.integers(2, 5)) if want_spindle else 0,
+    )
+    cell_labels = _assign_cell_labels(rng, geo, field_set)
+    ctx = PaintContext(geo, rng)
+    n = geo.n
+    h = w = size
+
+    # Per-field, per-cell intensities.
+    def cell_gain(sigma: float) -> np.ndarray:
+        lut = np.exp(rng.normal(0.0, sigma, n + 1)).astype(np.float32)
+        lut[0] = 0.0
+        return lut
+
+    mit_boost = 1.0 + 0.35 * cell_lut(n, np.flatnonzero(geo.mitotic) + 1, 1.0)
+    red = red_channel(ctx) * (cell_gain(0.2) * mit_boost)[geo.cells] * np.float32(rng.uniform(0.55, 0.95))
+    yellow = yellow_channel(ctx) * (cell_gain(0.25) * mit_boost)[geo.cells] * np.float32(rng.uniform(0.35, 0.7))
+    blue = blue_channel(ctx) * cell_gain(0.15)[geo.nuclei] * np.float32(rng.uniform(0.5, 0.85))
+
+    green = 0.025 * ctx.cell_mask.astype(np.float32)
+    protein_gain = float(np.exp(rng.normal(np.log(0.5), 0.35)))
+    per_cell = cell_gain(0.4)
+    present = sorted({c for labels in cell_labels.values() for c in labels} - {NEGATIVE})
+    for c in present:
+        ids = np.array([k for k, labels in cell_labels.items() if c in labels], dtype=np.int64)
+        rel = rng.uniform(0.55, 1.0) if len(present) > 1 else 1.0
+        lut = np.zeros(n + 1, np.float32)
+        lut[ids] = per_cell[ids] * protein_gain * rel
+        green += PATTERNS[c](ctx, ids) * lut[geo.cells]
+
+    # Acquisition: uneven illumination, background, shot and read noise, quantisation.
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / np.float32(size)
+    ang = rng.uniform(0, 2 * np.pi)
+    grad = (np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5)) * 2.0
+    illum = 1.0 + config.illumination * (rng.uniform(0.0, 0.25) * grad + 0.08 * smooth_noise((h, w), 0.3 * size, rng))
+    illum = illum.astype(np.float32)
+    channels = []
+    for v in (red, green, blue, yellow):
+        v = v * illum + np.float32(rng.uniform(0.0, 0.02))
+        if config.noise > 0:
+            photons = rng.uniform(150.0, 600.0)
+            sd = np.sqrt(np.maximum(v, 0) / np.float32(photons)) + np.float32(rng.uniform(0.003, 0.01))
+            v = v + np.float32(config.noise) * sd * rng.standard_normal((h, w), dtype=np.float32)
+        channels.append(_quantise(v, config.bit_depth))
+    image = np.stack(channels, axis=-1)
+    return SimField(
+        image=image,
+        cells=geo.cells,
+        nuclei=geo.nuclei,
+        cell_labels=cell_labels,
+        field_labels=field_set,
+        mitotic=[int(k) + 1 for k in np.flatnonzero(geo.mitotic)],
+    )
+
+
+_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+
+
+def _write_one(args: tuple[int, int, SimConfig, str]) -> tuple[str, dict[int, list[int]]]:
+    index, seed, config, out = args
+    f = generate_field(index, seed, config)
+    fid = field_id(index)
+    root = Path(out)
+    for k, name in enumerate(("red", "green", "blue", "yellow")):
+        cv2.imwrite(str(root / f"{fid}_{name}.png"), f.image[:, :, k], _PNG)
+    cv2.imwrite(str(root / "truth" / f"{fid}_cells.png"), f.cells, _PNG)
+    cv2.imwrite(str(root / "truth" / f"{fid}_nuclei.png"), f.nuclei, _PNG)
+    return fid, f.cell_labels
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)
+
+
+def write_dataset(
+    out_dir: str | Path,
+    n: int,
+    seed: int = 0,
+    config: SimConfig | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    start: int = 0,
+) -> Path:
+    """Generate ``n`` fields and write them in the Locus dataset layout (docs/CONTRACTS.md).
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Output folder (created; existing files of the same IDs are overwritten).
+    n : int
+        Number of fields.
+    seed : int
+        Dataset seed.
+    config : SimConfig, optional
+        Options.
+    workers : int
+        Worker processes (1: generate in this process).
+    progress : bool
+        Show a tqdm progress bar.
+    start : int
+        Index of the first field (IDs ``sim_{start:05d}`` on).
+
+    Returns
+    -------
+    Path
+        The output folder, holding ``train.csv``, the channel PNGs, ``truth/`` and ``sim.json``.
+    """
+    from tqdm import tqdm
+
+    config = config or SimConfig()
+    out = Path(out_dir)
+    (out / "truth").mkdir(parents=True, exist_ok=True)
+    tasks = [(i, int(seed), config, str(out)) for i in range(start, start + n)]
+    results: list[tuple[str, dict[int, list[int]]]] = []
+    bar = tqdm(total=n, desc="HPA-sim", unit="field", disable=not progress)
+    if workers <= 1 or n <= 1:
+        for t in tasks:
+            results.append(_write_one(t))
+            bar.update(1)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(processes=int(workers), initializer=_init_worker) as pool:
+            for r in pool.imap(_write_one, tasks, chunksize=1):
+                results.append(r)
+                bar.update(1)
+    bar.close()
+    with open(out / "train.csv", "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["ID", "Label"])
+        for fid, labels in results:
+            wr.writerow([fid, format_label({c for ls in labels.values() for c in ls})])
+    with open(out / "truth" / "cells.csv", "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["ID", "cell_id", "Label"])
+        for fid, labels in results:
+            for k in sorted(labels):
+                wr.writerow([fid, k, format_label(labels[k])])
+    meta = {
+        "generator": "HPA-sim",
+        "version": SIM_VERSION,
+        "seed": int(seed),
+        "n": int(n),
+        "start": int(start),
+        "ids": [field_id(start), field_id(start + n - 1)] if n else [],
+        "config": asdict(config),
+        "classes": list(CLASS_NAMES),
+        "rng": "numpy.random.default_rng(numpy.random.SeedSequence([seed, index]))",
+    }
+    (out / "sim.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out

@@ -1,0 +1,352 @@
+"""Cell and nucleus geometry of an HPA-sim field of view.
+
+Cells are grown from seed points placed by dart throwing (Poisson-disc with a
+per-cell radius and a smooth density field, so cells cluster with background
+between groups). Each cell owns an ellipse-like territory with a noisy radial
+profile; touching territories are split by a weighted Voronoi rule (the
+smallest normalised elliptical distance wins) whose boundaries are perturbed
+by smooth noise. Each cell holds one nucleus (a smaller noisy ellipse, or a
+condensed metaphase plate for mitotic cells). All lengths are given at the
+2048-pixel reference scale and multiplied by ``scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = ["FieldGeometry", "make_geometry", "smooth_noise"]
+
+#: Reference (2048² field) mean cell radius in pixels: cells 250-400 px across.
+REF_CELL_RADIUS = 160.0
+_TABLE = 1024
+
+
+def smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-correlated noise with zero mean and unit standard deviation.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (height, width) of the result.
+    sigma : float
+        Correlation length in pixels. Large values are generated at a lower
+        resolution and upsampled, so the cost stays low.
+    rng : numpy.random.Generator
+        Random source.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array of ``shape``.
+    """
+    h, w = shape
+    factor = max(1.0, sigma / 2.0)
+    sh, sw = max(4, int(np.ceil(h / factor)) + 2), max(4, int(np.ceil(w / factor)) + 2)
+    small = rng.standard_normal((sh, sw), dtype=np.float32)
+    small = cv2.GaussianBlur(small, (0, 0), max(0.5, sigma / factor), borderType=cv2.BORDER_REFLECT)
+    big = small if (sh, sw) == (h, w) else cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    big -= float(big.mean())
+    std = float(big.std())
+    return big / std if std > 0 else big
+
+
+@dataclass
+class FieldGeometry:
+    """Label maps and per-cell metadata of one field; arrays are indexed by ``cell_id - 1``.
+
+    Attributes
+    ----------
+    cells, nuclei : numpy.ndarray
+        uint16 label images, 0 = background, cells ``1..n``; nucleus k lies inside cell k.
+    n : int
+        Number of cells.
+    scale : float
+        Pixel scale relative to the 2048² reference field.
+    cell_center : numpy.ndarray
+        (n, 2) float x, y of each cell's territory centre.
+    cell_radius : numpy.ndarray
+        (n,) nominal radius of each cell.
+    nuc_center, nuc_axes, nuc_angle : numpy.ndarray
+        Nucleus ellipse: (n, 2) centre x, y; (n, 2) semi-axes; (n,) orientation in radians.
+    centrosome : numpy.ndarray
+        (n, 2) x, y of the centrosome (next to the nucleus); for mitotic cells the first spindle pole.
+    mitotic : numpy.ndarray
+        (n,) bool, cell is in mitosis (condensed chromosomes).
+    spindle_angle : numpy.ndarray
+        (n,) spindle axis of mitotic cells (perpendicular to the metaphase plate).
+    nucleoli : numpy.ndarray
+        float32 map in [0, 1] of nucleoli (inside nuclei of interphase cells).
+    nucleoli_spots : list of numpy.ndarray
+        Per cell, (k, 3) x, y, radius of its nucleoli.
+    """
+
+    cells: np.ndarray
+    nuclei: np.ndarray
+    n: int
+    scale: float
+    cell_center: np.ndarray
+    cell_radius: np.ndarray
+    nuc_center: np.ndarray
+    nuc_axes: np.ndarray
+    nuc_angle: np.ndarray
+    centrosome: np.ndarray
+    mitotic: np.ndarray
+    spindle_angle: np.ndarray
+    nucleoli: np.ndarray
+    nucleoli_spots: list[np.ndarray]
+
+
+def _place_seeds(
+    size: int, rng: np.random.Generator, n_target: int, r_mean: float, spacing: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dart-throw seed points with per-seed radii; returns (points (m, 2), radii (m,))."""
+    margin = 0.7 * r_mean
+    grid = rng.standard_normal((4, 4)).astype(np.float32)
+    density = cv2.resize(grid, (64, 64), interpolation=cv2.INTER_CUBIC)
+    bias = rng.uniform(-0.5, 1.5)
+    attempts = 60 * n_target + 200
+    cand = rng.uniform(-margin, size + margin, (attempts, 2))
+    radii = r_mean * rng.uniform(0.78, 1.25, attempts)
+    gx = np.clip((cand[:, 0] / size * 63).astype(int), 0, 63)
+    gy = np.clip((cand[:, 1] / size * 63).astype(int), 0, 63)
+    p_accept = 1.0 / (1.0 + np.exp(-(2.0 * density[gy, gx] + bias)))
+    keep = rng.random(attempts) < p_accept
+    cand, radii = cand[keep], radii[keep]
+    inside = (cand[:, 0] >= 0) & (cand[:, 0] < size) & (cand[:, 1] >= 0) & (cand[:, 1] < size)
+    pts = np.empty((len(cand), 2))
+    rad = np.empty(len(cand))
+    m = 0
+    n_in = 0
+    for i in range(len(cand)):
+        if m:
+            d = np.hypot(pts[:m, 0] - cand[i, 0], pts[:m, 1] - cand[i, 1])
+            if np.any(d < spacing * (rad[:m] + radii[i])):
+                continue
+        pts[m], rad[m] = cand[i], radii[i]
+        m += 1
+        n_in += bool(inside[i])
+        if n_in >= n_target:
+            break
+    return pts[:m], rad[:m]
+
+
+def _radial_profile(rng: np.random.Generator, amp: float, n_terms: int = 5) -> np.ndarray:
+    """Fourier coefficients (k, amplitude, phase) of a noisy radial profile."""
+    ks = np.arange(2, 2 + n_terms)
+    amps = amp * rng.uniform(0.2, 1.0, n_terms) / ks**0.8
+    phases = rng.uniform(0, 2 * np.pi, n_terms)
+    return np.stack([ks, amps, phases], axis=1)
+
+
+def _ellipse_metric(
+    xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, a: float, b: float, theta: float, profile: np.ndarray
+) -> np.ndarray:
+    """Normalised elliptical distance (1 on the noisy boundary) over a pixel grid."""
+    dx = xs - np.float32(cx)
+    dy = ys - np.float32(cy)
+    c, s = np.float32(np.cos(theta)), np.float32(np.sin(theta))
+    u = (dx * c + dy * s) * np.float32(1.0 / a)
+    v = (dy * c - dx * s) * np.float32(1.0 / b)
+    mag, ang = cv2.cartToPolar(u, v)
+    table_ang = np.linspace(0, 2 * np.pi, _TABLE, endpoint=False)
+    rmod = np.ones(_TABLE + 1, np.float32)
+    for k, amp, ph in profile:
+        rmod[:_TABLE] += amp * np.cos(k * table_ang + ph)
+    rmod[_TABLE] = rmod[0]
+    idx = (ang * np.float32(_TABLE / (2 * np.pi))).astype(np.int32)
+    return mag / rmod[idx]
+
+
+def make_geometry(
+    size: int,
+    rng: np.random.Generator,
+    *,
+    scale: float,
+    n_cells: tuple[int, int] = (15, 35),
+    mitotic_fraction: float = 0.03,
+    min_mitotic: int = 0,
+) -> FieldGeometry:
+    """Build the cells and nuclei of one square field.
+
+    Parameters
+    ----------
+    size : int
+        Field side in pixels.
+    rng : numpy.random.Generator
+        Random source (the field's own).
+    scale : float
+        Pixel scale relative to the 2048² reference (``size / 2048 * cell_scale``).
+    n_cells : tuple of int
+        Range of the number of seed cells whose centre lies in the field.
+    mitotic_fraction : float
+        Probability that a cell is mitotic.
+    min_mitotic : int
+        At least this many cells (when that many exist) are mitotic.
+
+    Returns
+    -------
+    FieldGeometry
+        Label maps (ids 1..n contiguous, nucleus k inside cell k) and metadata.
+    """
+    r_mean = REF_CELL_RADIUS * scale
+    n_target = int(rng.integers(n_cells[0], n_cells[1] + 1))
+    spacing = rng.uniform(0.62, 0.8)
+    pts, rad = _place_seeds(size, rng, n_target, r_mean, spacing)
+    m = len(pts)
+    mitotic = rng.random(m) < mitotic_fraction
+    inside_idx = np.flatnonzero(
+        (pts[:, 0] > 0.05 * size) & (pts[:, 0] < 0.95 * size) & (pts[:, 1] > 0.05 * size) & (pts[:, 1] < 0.95 * size)
+    )
+    if min_mitotic > mitotic[inside_idx].sum() and len(inside_idx):
+        extra = rng.choice(inside_idx, size=min(min_mitotic, len(inside_idx)), replace=False)
+        mitotic[extra] = True
+
+    # Per-cell shape parameters.
+    asp = np.where(mitotic, rng.uniform(1.0, 1.12, m), rng.uniform(1.0, 2.0, m) ** 1.3)
+    asp = np.minimum(asp, 2.4)
+    rad = np.where(mitotic, rad * 0.72, rad)
+    reach_f = np.where(mitotic, 1.0, rng.uniform(1.05, 1.3, m))
+    a_cell = rad * np.sqrt(asp) * reach_f
+    b_cell = rad / np.sqrt(asp) * reach_f
+    th_cell = rng.uniform(0, np.pi, m)
+    # Nucleus: offset from the cell centre, size limited by the short axis.
+    b_nuc = np.minimum(b_cell / reach_f * rng.uniform(0.5, 0.72, m), rad * 0.42)
+    a_nuc = np.minimum(b_nuc * rng.uniform(1.0, 1.45, m), rad * 0.5)
+    th_nuc = th_cell + rng.normal(0, 0.35, m)
+    off = rng.uniform(0, 0.3, m) * np.maximum(a_cell - a_nuc, 0)
+    off_dir = rng.choice([-1.0, 1.0], m)
+    nuc_c = pts + (off * off_dir)[:, None] * np.stack([np.cos(th_cell), np.sin(th_cell)], 1)
+    # Mitotic: metaphase plate (thin, long), spindle perpendicular to it.
+    a_nuc = np.where(mitotic, rad * rng.uniform(0.33, 0.42, m), a_nuc)
+    b_nuc = np.where(mitotic, rad * rng.uniform(0.08, 0.13, m), b_nuc)
+    nuc_c = np.where(mitotic[:, None], pts, nuc_c)
+    spindle = th_nuc + np.pi / 2
+
+    h = w = size
+    best = np.full((h, w), np.inf, np.float32)
+    owner = np.zeros((h, w), np.int32)
+    nuclei = np.zeros((h, w), np.int32)
+    n_a = smooth_noise((h, w), 0.12 * r_mean, rng)
+    n_b = smooth_noise((h, w), 0.05 * r_mean, rng)
+    mix = rng.uniform(-1, 1, (m, 2)).astype(np.float32)
+    nuc_area_full = np.pi * a_nuc * b_nuc
+    for i in range(m):
+        reach = a_cell[i] * 1.35
+        x0, x1 = int(max(0, pts[i, 0] - reach)), int(min(w, pts[i, 0] + reach + 1))
+        y0, y1 = int(max(0, pts[i, 1] - reach)), int(min(h, pts[i, 1] + reach + 1))
+        if x0 >= x1 or y0 >= y1:
+            continue
+        xs = np.arange(x0, x1, dtype=np.float32)[None, :]
+        ys = np.arange(y0, y1, dtype=np.float32)[:, None]
+        xs, ys = np.broadcast_to(xs, (y1 - y0, x1 - x0)), np.broadcast_to(ys, (y1 - y0, x1 - x0))
+        prof = _radial_profile(rng, 0.07 if mitotic[i] else 0.28)
+        met = _ellipse_metric(xs, ys, pts[i, 0], pts[i, 1], a_cell[i], b_cell[i], th_cell[i], prof)
+        met += 0.08 * mix[i, 0] * n_a[y0:y1, x0:x1] + 0.025 * mix[i, 1] * n_b[y0:y1, x0:x1]
+        sub_best = best[y0:y1, x0:x1]
+        win = met < sub_best
+        sub_best[win] = met[win]
+        owner[y0:y1, x0:x1][win] = i + 1
+        nprof = _radial_profile(rng, 0.25 if mitotic[i] else 0.08, 4)
+        nr = a_nuc[i] * 1.4
+        nx0, nx1 = int(max(0, nuc_c[i, 0] - nr)), int(min(w, nuc_c[i, 0] + nr + 1))
+        ny0, ny1 = int(max(0, nuc_c[i, 1] - nr)), int(min(h, nuc_c[i, 1] + nr + 1))
+        if nx0 >= nx1 or ny0 >= ny1:
+            continue
+        nxs = np.broadcast_to(np.arange(nx0, nx1, dtype=np.float32)[None, :], (ny1 - ny0, nx1 - nx0))
+        nys = np.broadcast_to(np.arange(ny0, ny1, dtype=np.float32)[:, None], (ny1 - ny0, nx1 - nx0))
+        nmet = _ellipse_metric(nxs, nys, nuc_c[i, 0], nuc_c[i, 1], a_nuc[i], b_nuc[i], th_nuc[i], nprof)
+        if mitotic[i]:
+            nmet += 0.25 * n_b[ny0:ny1, nx0:nx1]
+        sub_nuc = nuclei[ny0:ny1, nx0:nx1]
+        sub_nuc[(nmet < 1.0) & (sub_nuc == 0)] = i + 1
+    cells = np.where(best < 1.0, owner, 0)
+    has_nuc = nuclei > 0
+    cells[has_nuc] = nuclei[has_nuc]
+
+    # Keep the connected part of each cell that holds its nucleus; drop cells whose nucleus is mostly cut.
+    keep = np.zeros(m + 1, bool)
+    nuc_area = np.bincount(nuclei.ravel(), minlength=m + 1)
+    for i in range(m):
+        k = i + 1
+        if nuc_area[k] < 0.3 * nuc_area_full[i] or nuc_area[k] < 12:
+            continue
+        reach = a_cell[i] * 1.35
+        x0, x1 = int(max(0, pts[i, 0] - reach)), int(min(w, pts[i, 0] + reach + 1))
+        y0, y1 = int(max(0, pts[i, 1] - reach)), int(min(h, pts[i, 1] + reach + 1))
+        sub = cells[y0:y1, x0:x1]
+        mask = (sub == k).astype(np.uint8)
+        _, comp = cv2.connectedComponents(mask, connectivity=4)
+        nuc_sub = nuclei[y0:y1, x0:x1] == k
+        comp_ids = np.bincount(comp[nuc_sub].ravel())
+        if comp_ids.size == 0:
+            continue
+        main = int(np.argmax(comp_ids[1:]) + 1) if comp_ids.size > 1 else 0
+        sub[(mask > 0) & (comp != main)] = 0
+        keep[k] = True
+    lut = np.zeros(m + 1, np.int32)
+    kept = np.flatnonzero(keep)
+    lut[kept] = np.arange(1, len(kept) + 1)
+    cells = lut[cells].astype(np.uint16)
+    nuclei = lut[nuclei].astype(np.uint16)
+    nuclei[cells != nuclei] = 0
+    idx = kept - 1
+    n = len(kept)
+
+    # Centrosome next to the nucleus; first spindle pole for mitotic cells.
+    cdir = rng.uniform(0, 2 * np.pi, n)
+    r_n = 0.5 * (a_nuc[idx] + b_nuc[idx])
+    cen = nuc_c[idx] + ((r_n + 0.08 * rad[idx])[:, None] * np.stack([np.cos(cdir), np.sin(cdir)], 1))
+    sp = spindle[idx]
+    pole = nuc_c[idx] + (0.45 * rad[idx])[:, None] * np.stack([np.cos(sp), np.sin(sp)], 1)
+    cen = np.where(mitotic[idx][:, None], pole, cen)
+
+    # Nucleoli: 2-5 blobs inside interphase nuclei.
+    nucleoli = np.zeros((h, w), np.float32)
+    spots: list[np.ndarray] = []
+    for i in idx:
+        if mitotic[i]:
+            spots.append(np.zeros((0, 3)))
+            continue
+        k = int(rng.integers(2, 6))
+        rr = np.sqrt(rng.uniform(0, 1, k)) * 0.55
+        ang = rng.uniform(0, 2 * np.pi, k)
+        u, v = rr * np.cos(ang) * a_nuc[i], rr * np.sin(ang) * b_nuc[i]
+        c, s = np.cos(th_nuc[i]), np.sin(th_nuc[i])
+        x = nuc_c[i, 0] + u * c - v * s
+        y = nuc_c[i, 1] + u * s + v * c
+        r = b_nuc[i] * rng.uniform(0.1, 0.2, k)
+        spots.append(np.stack([x, y, r], 1))
+        for xx, yy, rr_, ax in zip(x, y, r, rng.uniform(0.7, 1.0, k), strict=True):
+            cv2.ellipse(
+                nucleoli,
+                (int(round(xx * 4)), int(round(yy * 4))),
+                (max(1, int(rr_ * 4)), max(1, int(rr_ * ax * 4))),
+                float(rng.uniform(0, 180)),
+                0,
+                360,
+                1.0,
+                -1,
+                cv2.LINE_8,
+                2,
+            )
+    nucleoli = cv2.GaussianBlur(nucleoli, (0, 0), max(0.6, 2.0 * scale))
+    nucleoli *= nuclei > 0
+    return FieldGeometry(
+        cells=cells,
+        nuclei=nuclei,
+        n=n,
+        scale=scale,
+        cell_center=pts[idx],
+        cell_radius=rad[idx],
+        nuc_center=nuc_c[idx],
+        nuc_axes=np.stack([a_nuc[idx], b_nuc[idx]], 1),
+        nuc_angle=th_nuc[idx],
+        centrosome=cen,
+        mitotic=mitotic[idx],
+        spindle_angle=sp,
+        nucleoli=nucleoli,
+        nucleoli_spots=spots,
+    )

@@ -1,0 +1,572 @@
+"""Textures of the four HPA channels and the green patterns of the 19 classes.
+
+Every function works on the whole field at once: primitives (dots, fibres,
+arcs) are drawn for all selected cells in a few OpenCV calls and masked by the
+label maps, so no Python loop runs over pixels. Maps are float32, roughly in
+[0, 1]; the generator scales, sums and quantises them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+
+import cv2
+import numpy as np
+
+from training.sim.geometry import FieldGeometry, smooth_noise
+
+__all__ = ["PaintContext", "PATTERNS", "NUCLEAR_CLASSES", "red_channel", "yellow_channel", "blue_channel"]
+
+#: Classes whose pattern lies inside the nucleus (they dissolve in mitosis).
+NUCLEAR_CLASSES: frozenset[int] = frozenset({0, 1, 2, 3, 4, 5})
+
+
+class PaintContext:
+    """Shared, lazily computed maps of one field (masks, distances, base structures).
+
+    Parameters
+    ----------
+    geo : FieldGeometry
+        The field's cells and nuclei.
+    rng : numpy.random.Generator
+        The field's random source.
+    """
+
+    def __init__(self, geo: FieldGeometry, rng: np.random.Generator):
+        self.geo = geo
+        self.rng = rng
+        self.s = geo.scale
+        self.shape = geo.cells.shape
+        self.cells = geo.cells
+        self.cell_mask = geo.cells > 0
+        self.nuc_mask = geo.nuclei > 0
+        self.cyto = self.cell_mask & ~self.nuc_mask
+
+    def px(self, ref: float) -> float:
+        """Convert a length at the 2048² reference scale to pixels of this field."""
+        return ref * self.s
+
+    @cached_property
+    def d_nuc_out(self) -> np.ndarray:
+        """Distance (px) from the nearest nucleus; 0 inside nuclei."""
+        return cv2.distanceTransform((~self.nuc_mask).astype(np.uint8), cv2.DIST_L2, 3)
+
+    @cached_property
+    def d_nuc_in(self) -> np.ndarray:
+        """Distance (px) inside a nucleus to its border; 0 outside."""
+        return cv2.distanceTransform(self.nuc_mask.astype(np.uint8), cv2.DIST_L2, 3)
+
+    @cached_property
+    def d_border(self) -> np.ndarray:
+        """Distance (px) inside a cell to its border (background or a neighbouring cell)."""
+        c = self.cells
+        inner = self.cell_mask.copy()
+        inner[:, 1:] &= c[:, 1:] == c[:, :-1]
+        inner[:, :-1] &= c[:, :-1] == c[:, 1:]
+        inner[1:, :] &= c[1:, :] == c[:-1, :]
+        inner[:-1, :] &= c[:-1, :] == c[1:, :]
+        return cv2.distanceTransform(inner.astype(np.uint8), cv2.DIST_L2, 3)
+
+    @cached_property
+    def er(self) -> np.ndarray:
+        """Reticular ER network: Voronoi edges of points denser near the nucleus, plus perinuclear sheets."""
+        return er_network(self)
+
+    @cached_property
+    def mt(self) -> np.ndarray:
+        """Microtubule network: fibres radiating from the centrosome plus a curved meshwork."""
+        return microtubules(self)
+
+    def sample_points(self, region: np.ndarray, density: float, weight: np.ndarray | None = None) -> np.ndarray:
+        """Uniform random points (x, y) inside ``region`` at ``density`` per reference px².
+
+        Parameters
+        ----------
+        region : numpy.ndarray
+            bool HxW mask.
+        density : float
+            Expected points per pixel at the reference scale (a pixel here covers ``1/s²`` of those).
+        weight : numpy.ndarray, optional
+            Acceptance probability map in [0, 1].
+
+        Returns
+        -------
+        numpy.ndarray
+            (k, 2) float positions.
+        """
+        h, w = self.shape
+        n = self.rng.poisson(density / (self.s**2) * h * w) if density > 0 else 0
+        n = int(min(n, 4_000_000))
+        xy = self.rng.uniform(0, 1, (n, 2)) * np.array([w, h])
+        xi = np.minimum(xy[:, 0].astype(np.int32), w - 1)
+        yi = np.minimum(xy[:, 1].astype(np.int32), h - 1)
+        ok = region[yi, xi]
+        if weight is not None:
+            ok &= self.rng.random(n) < weight[yi, xi]
+        return xy[ok]
+
+
+def cell_lut(n: int, ids: np.ndarray | list[int], value: float | np.ndarray = 1.0) -> np.ndarray:
+    """A lookup table over cell ids 0..n with ``value`` at ``ids`` and 0 elsewhere."""
+    lut = np.zeros(n + 1, np.float32)
+    lut[np.asarray(ids, dtype=np.int64)] = value
+    return lut
+
+
+def splat(shape: tuple[int, int], xy: np.ndarray, sigma: float, amp: np.ndarray | float = 1.0) -> np.ndarray:
+    """Gaussian spots of width ``sigma`` at ``xy``, peak about ``amp``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (height, width).
+    xy : numpy.ndarray
+        (k, 2) positions.
+    sigma : float
+        Spot width in pixels.
+    amp : float or numpy.ndarray
+        Peak height(s).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 map.
+    """
+    h, w = shape
+    out = np.zeros((h, w), np.float32)
+    if len(xy) == 0:
+        return out
+    xi = np.clip(np.rint(xy[:, 0]).astype(np.int64), 0, w - 1)
+    yi = np.clip(np.rint(xy[:, 1]).astype(np.int64), 0, h - 1)
+    np.add.at(out.ravel(), yi * w + xi, np.broadcast_to(np.asarray(amp, np.float32), (len(xy),)))
+    sigma = max(sigma, 0.5)
+    out = cv2.GaussianBlur(out, (0, 0), sigma)
+    out *= np.float32(2 * np.pi * sigma * sigma)
+    return out
+
+
+def walk(
+    starts: np.ndarray, angles: np.ndarray, step: float, nsteps: int, curvature: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Random-walk polylines: (F, nsteps + 1, 2) points from ``starts`` heading ``angles``."""
+    f = len(starts)
+    dth = rng.normal(0.0, curvature, (f, nsteps))
+    theta = angles[:, None] + np.cumsum(dth, axis=1)
+    steps = step * np.stack([np.cos(theta), np.sin(theta)], axis=-1)
+    pts = np.concatenate([starts[:, None, :], starts[:, None, :] + np.cumsum(steps, axis=1)], axis=1)
+    return pts
+
+
+def draw_fibres(
+    shape: tuple[int, int],
+    pts: np.ndarray,
+    owner: np.ndarray,
+    cells: np.ndarray,
+    *,
+    thickness: int = 1,
+    prefix: bool = True,
+    value: float = 1.0,
+    groups: int = 3,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Draw polylines clipped to their owner cell.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (height, width).
+    pts : numpy.ndarray
+        (F, S, 2) polyline points.
+    owner : numpy.ndarray
+        (F,) cell id of each fibre.
+    cells : numpy.ndarray
+        Cell label image.
+    thickness : int
+        Line thickness in pixels.
+    prefix : bool
+        Stop a fibre where it first leaves its cell (else draw every segment that lies in it).
+    value : float
+        Brightness of the brightest group.
+    groups : int
+        Fibres are split into this many brightness groups (overlaps within a group do not add up).
+    rng : numpy.random.Generator, optional
+        Source for the brightness group of each fibre.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 map.
+    """
+    h, w = shape
+    out = np.zeros((h, w), np.float32)
+    if len(pts) == 0:
+        return out
+    xi = np.rint(pts[..., 0]).astype(np.int64)
+    yi = np.rint(pts[..., 1]).astype(np.int64)
+    inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    lab = cells[np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)]
+    ok = inside & (lab == owner[:, None])
+    if prefix:
+        ok = np.cumprod(ok, axis=1).astype(bool)
+    seg = ok[:, :-1] & ok[:, 1:]
+    grp = rng.integers(0, groups, len(pts)) if rng is not None else np.arange(len(pts)) % groups
+    fixed = np.rint(pts * 4).astype(np.int32)
+    for g in range(groups):
+        canvas = np.zeros((h, w), np.float32)
+        sel = seg & (grp == g)[:, None]
+        a = fixed[:, :-1][sel]
+        b = fixed[:, 1:][sel]
+        if len(a) == 0:
+            continue
+        lines = list(np.stack([a, b], axis=1))
+        cv2.polylines(canvas, lines, False, value * (0.45 + 0.55 * (g + 1) / groups), thickness, cv2.LINE_8, 2)
+        out += canvas
+    return out
+
+
+def _thin(ctx: PaintContext) -> int:
+    return 1 if ctx.s < 0.7 else 2
+
+
+def er_network(ctx: PaintContext) -> np.ndarray:
+    """Reticular ER: polygon network, denser and brighter near the nucleus, within cells."""
+    h, w = ctx.shape
+    d = ctx.d_nuc_out
+    weight = np.exp(-d / np.float32(ctx.px(70.0)))
+    pts = ctx.sample_points(ctx.cell_mask, 1.0 / 180.0, weight * 0.85 + 0.15)
+    if len(pts) < 2:
+        return np.zeros((h, w), np.float32)
+    seeds = np.ones((h, w), np.uint8)
+    xi = np.clip(pts[:, 0].astype(np.int64), 0, w - 1)
+    yi = np.clip(pts[:, 1].astype(np.int64), 0, h - 1)
+    seeds[yi, xi] = 0
+    _, lab = cv2.distanceTransformWithLabels(seeds, cv2.DIST_L2, 3, labelType=cv2.DIST_LABEL_PIXEL)
+    edge = np.zeros((h, w), np.float32)
+    edge[:, 1:] += lab[:, 1:] != lab[:, :-1]
+    edge[1:, :] += lab[1:, :] != lab[:-1, :]
+    edge = np.minimum(edge, 1.0)
+    edge = cv2.GaussianBlur(edge, (0, 0), max(0.5, ctx.px(1.3)))
+    edge /= max(float(edge.max()), 1e-6)
+    grain = smooth_noise((h, w), ctx.px(6.0), ctx.rng)
+    net = edge * (0.75 + 0.25 * grain) * (0.45 + 0.55 * weight)
+    sheet = 0.35 * np.exp(-d / np.float32(ctx.px(35.0)))
+    base = 0.12
+    out = (net + sheet + base) * ctx.cyto
+    out += 0.1 * ctx.nuc_mask
+    return out.astype(np.float32)
+
+
+def microtubules(ctx: PaintContext) -> np.ndarray:
+    """Microtubules: fibres radiating from each centrosome to the cell edge plus a curved meshwork."""
+    g, rng = ctx.geo, ctx.rng
+    h, w = ctx.shape
+    if g.n == 0:
+        return np.zeros((h, w), np.float32)
+    per_cell = np.maximum(10, (g.cell_radius / ctx.s * 0.9).astype(int))
+    owner = np.repeat(np.arange(1, g.n + 1), per_cell)
+    starts = np.repeat(g.centrosome, per_cell, axis=0) + rng.normal(0, ctx.px(4), (len(owner), 2))
+    ang = rng.uniform(0, 2 * np.pi, len(owner))
+    step = ctx.px(9.0)
+    nsteps = int(np.ceil(2.6 * g.cell_radius.max() / step))
+    pts = walk(starts, ang, step, nsteps, 0.07, rng)
+    radial = draw_fibres(ctx.shape, pts, owner, ctx.cells, thickness=_thin(ctx), rng=rng)
+    mstarts = ctx.sample_points(ctx.cyto, 1.0 / 1400.0)
+    mown = ctx.cells[mstarts[:, 1].astype(int), mstarts[:, 0].astype(int)].astype(np.int64)
+    mpts = walk(mstarts, rng.uniform(0, 2 * np.pi, len(mstarts)), step, 14, 0.12, rng)
+    mesh = draw_fibres(ctx.shape, mpts, mown, ctx.cells, thickness=1, prefix=True, rng=rng, value=0.8)
+    fib = cv2.GaussianBlur(radial + mesh, (0, 0), max(0.5, ctx.px(1.0)))
+    fib = np.minimum(fib, 1.6)
+    cortex = np.exp(-ctx.d_border / np.float32(ctx.px(12.0)))
+    peri = np.exp(-ctx.d_nuc_out / np.float32(ctx.px(25.0)))
+    out = (0.55 * fib + 0.18 + 0.18 * cortex + 0.15 * peri) * ctx.cell_mask
+    out *= np.where(ctx.nuc_mask, np.float32(0.55), np.float32(1.0))
+    return out.astype(np.float32)
+
+
+def red_channel(ctx: PaintContext) -> np.ndarray:
+    """The red (microtubule) channel structure; mitotic cells are rounded and brighter."""
+    return ctx.mt
+
+
+def yellow_channel(ctx: PaintContext) -> np.ndarray:
+    """The yellow (ER) channel structure."""
+    return ctx.er
+
+
+def blue_channel(ctx: PaintContext) -> np.ndarray:
+    """The blue (nucleus) channel: textured chromatin, darker nucleoli, condensed bright mitotic plates."""
+    g = ctx.geo
+    tex = smooth_noise(ctx.shape, ctx.px(5.0), ctx.rng)
+    coarse = smooth_noise(ctx.shape, ctx.px(25.0), ctx.rng)
+    mit = cell_lut(g.n, np.flatnonzero(g.mitotic) + 1, 1.0)[g.nuclei]
+    base = 1.0 + 0.12 * tex + 0.1 * coarse
+    rim = np.exp(-ctx.d_nuc_in / np.float32(ctx.px(8.0)))
+    val = base * (1.0 - 0.4 * g.nucleoli) * (0.92 + 0.12 * rim)
+    val = np.where(mit > 0, 1.5 + 0.3 * tex, val) * ctx.nuc_mask
+    val = cv2.GaussianBlur(val.astype(np.float32), (0, 0), max(0.5, ctx.px(1.5)))
+    return val
+
+
+# ----------------------------------------------------------------------------------------------
+# Green patterns, one per class. Each takes the context and the ids of the cells that show the
+# class and returns a float32 map (0 outside those cells' relevant compartment).
+# ----------------------------------------------------------------------------------------------
+
+
+def _sel(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    return cell_lut(ctx.geo.n, ids, 1.0).astype(bool)[ctx.cells]
+
+
+def _nucleoplasm(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    tex = smooth_noise(ctx.shape, ctx.px(4.0), ctx.rng)
+    v = (0.9 + 0.12 * tex) * (1.0 - 0.9 * ctx.geo.nucleoli)
+    return v * (ctx.nuc_mask & _sel(ctx, ids))
+
+
+def _nuclear_membrane(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    w = np.float32(ctx.px(5.0))
+    s = ctx.d_nuc_in - ctx.d_nuc_out
+    rim = np.exp(-(((s - w * 0.6) / w) ** 2))
+    rim *= 0.85 + 0.15 * smooth_noise(ctx.shape, ctx.px(6.0), ctx.rng)
+    sel = _sel(ctx, ids)
+    return (rim * sel + 0.05 * (ctx.nuc_mask & sel)).astype(np.float32)
+
+
+def _nucleoli(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    return (1.1 * ctx.geo.nucleoli + 0.04 * ctx.nuc_mask) * _sel(ctx, ids)
+
+
+def _fibrillar_center(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    region = (ctx.geo.nucleoli > 0.4) & _sel(ctx, ids)
+    pts = ctx.sample_points(region, 1.0 / 25.0)
+    dots = splat(ctx.shape, pts, ctx.px(1.6), 1.0)
+    return np.minimum(dots, 1.4) + 0.1 * ctx.geo.nucleoli * _sel(ctx, ids)
+
+
+def _speckles(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    sel = _sel(ctx, ids)
+    region = ctx.nuc_mask & sel & (ctx.geo.nucleoli < 0.3) & (ctx.d_nuc_in > ctx.px(8.0))
+    pts = ctx.sample_points(region, 1.0 / 650.0)
+    # Irregular blobs: clusters of 3 offset spots.
+    jitter = np.concatenate([pts + ctx.rng.normal(0, ctx.px(4.0), pts.shape) for _ in range(3)])
+    blobs = splat(ctx.shape, jitter, ctx.px(3.2), 1.0)
+    blobs = np.minimum(blobs, 1.3)
+    return (blobs + 0.15 * (ctx.nuc_mask & sel) * (1 - ctx.geo.nucleoli)) * ctx.nuc_mask
+
+
+def _per_cell_nuclear_points(ctx: PaintContext, ids: np.ndarray, lo: int, hi: int, shrink: float) -> np.ndarray:
+    g, rng = ctx.geo, ctx.rng
+    out = []
+    for k in ids:
+        i = k - 1
+        m = int(rng.integers(lo, hi + 1))
+        r = np.sqrt(rng.uniform(0, 1, m)) * shrink
+        a = rng.uniform(0, 2 * np.pi, m)
+        u, v = r * np.cos(a) * g.nuc_axes[i, 0], r * np.sin(a) * g.nuc_axes[i, 1]
+        c, s = np.cos(g.nuc_angle[i]), np.sin(g.nuc_angle[i])
+        out.append(np.stack([g.nuc_center[i, 0] + u * c - v * s, g.nuc_center[i, 1] + u * s + v * c], 1))
+    return np.concatenate(out) if out else np.zeros((0, 2))
+
+
+def _nuclear_bodies(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    pts = _per_cell_nuclear_points(ctx, ids, 2, 6, 0.75)
+    amp = ctx.rng.uniform(0.7, 1.0, len(pts))
+    dots = splat(ctx.shape, pts, ctx.px(3.5), amp)
+    return (dots + 0.06 * _sel(ctx, ids)) * ctx.nuc_mask
+
+
+def _er(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    return ctx.er * _sel(ctx, ids)
+
+
+def _golgi(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    g, rng = ctx.geo, ctx.rng
+    canvas = np.zeros(ctx.shape, np.float32)
+    for k in ids:
+        i = k - 1
+        cx, cy = g.nuc_center[i]
+        dx, dy = g.centrosome[i, 0] - cx, g.centrosome[i, 1] - cy
+        base = np.arctan2(dy, dx)
+        r_n = float(np.hypot(dx, dy))
+        m = int(rng.integers(12, 26))
+        ang = base + rng.normal(0, 0.45, m)
+        rr = r_n + rng.normal(0, ctx.px(6.0), m)
+        for a, r in zip(ang, rr, strict=True):
+            px, py = cx + r * np.cos(a), cy + r * np.sin(a)
+            ax = max(1, int(ctx.px(rng.uniform(6, 16)) * 4))
+            cv2.ellipse(
+                canvas,
+                (int(px * 4), int(py * 4)),
+                (ax, max(1, int(ctx.px(2.5) * 4))),
+                float(np.degrees(a) + 90 + rng.normal(0, 20)),
+                0,
+                360,
+                float(rng.uniform(0.6, 1.0)),
+                -1,
+                cv2.LINE_8,
+                2,
+            )
+    canvas = cv2.GaussianBlur(canvas, (0, 0), max(0.5, ctx.px(1.5)))
+    return canvas * ctx.cyto * _sel(ctx, ids) + 0.04 * ctx.cyto * _sel(ctx, ids)
+
+
+def _intermediate_filaments(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    sel = _sel(ctx, ids)
+    weight = 0.4 + 0.6 * np.exp(-ctx.d_nuc_out / np.float32(ctx.px(60.0)))
+    starts = ctx.sample_points(ctx.cyto & sel, 1.0 / 2200.0, weight)
+    own = ctx.cells[starts[:, 1].astype(int), starts[:, 0].astype(int)].astype(np.int64)
+    step = ctx.px(10.0)
+    pts = walk(starts, ctx.rng.uniform(0, 2 * np.pi, len(starts)), step, 30, 0.16, ctx.rng)
+    fib = draw_fibres(ctx.shape, pts, own, ctx.cells, thickness=_thin(ctx), prefix=True, rng=ctx.rng)
+    fib = cv2.GaussianBlur(fib, (0, 0), max(0.5, ctx.px(1.2)))
+    return (np.minimum(fib, 1.5) + 0.05) * ctx.cyto * sel
+
+
+def _actin(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    g, rng = ctx.geo, ctx.rng
+    sel = _sel(ctx, ids)
+    all_pts, owners = [], []
+    step = ctx.px(8.0)
+    for k in ids:
+        i = k - 1
+        theta = rng.uniform(0, np.pi)
+        d = np.array([np.cos(theta), np.sin(theta)])
+        perp = np.array([-d[1], d[0]])
+        r = g.cell_radius[i] * 1.5
+        m = int(rng.integers(8, 20))
+        offs = rng.uniform(-r, r, m)
+        starts = g.cell_center[i] + offs[:, None] * perp - r * d
+        nsteps = int(2 * r / step)
+        ang = np.full(m, theta) + rng.normal(0, 0.04, m)
+        all_pts.append(walk(starts, ang, step, nsteps, 0.004, rng))
+        owners.append(np.full(m, k))
+    if not all_pts:
+        return np.zeros(ctx.shape, np.float32)
+    nmax = max(p.shape[1] for p in all_pts)
+    pts = np.concatenate([np.pad(p, ((0, 0), (0, nmax - p.shape[1]), (0, 0)), mode="edge") for p in all_pts])
+    fib = draw_fibres(ctx.shape, pts, np.concatenate(owners), ctx.cells, thickness=_thin(ctx), prefix=False, rng=rng)
+    fib = cv2.GaussianBlur(fib, (0, 0), max(0.5, ctx.px(1.2)))
+    cortex = np.exp(-ctx.d_border / np.float32(ctx.px(7.0)))
+    return ((0.8 * np.minimum(fib, 1.2) + 0.8 * cortex + 0.05) * sel * ctx.cell_mask).astype(np.float32)
+
+
+def _microtubules(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    return ctx.mt * _sel(ctx, ids)
+
+
+def _mitotic_spindle(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    g, rng = ctx.geo, ctx.rng
+    ids = np.asarray([k for k in ids if g.mitotic[k - 1]], dtype=np.int64)
+    if len(ids) == 0:
+        return np.zeros(ctx.shape, np.float32)
+    pts_all, own = [], []
+    poles = []
+    for k in ids:
+        i = k - 1
+        c = g.nuc_center[i]
+        sp = g.spindle_angle[i]
+        d = np.array([np.cos(sp), np.sin(sp)])
+        perp = np.array([-d[1], d[0]])
+        half = 0.42 * g.cell_radius[i]
+        for sign in (-1.0, 1.0):
+            pole = c + sign * half * d
+            poles.append(pole)
+            m = 28
+            ends = c + perp * rng.uniform(-1, 1, m)[:, None] * g.nuc_axes[i, 0] * 0.95
+            t = np.linspace(0, 1, 12)[None, :, None]
+            pts = pole[None, None, :] * (1 - t) + ends[:, None, :] * t
+            pts_all.append(pts)
+            own.append(np.full(m, k))
+    pts = np.concatenate(pts_all)
+    fib = draw_fibres(ctx.shape, pts, np.concatenate(own), ctx.cells, thickness=_thin(ctx), prefix=False, rng=rng)
+    fib = cv2.GaussianBlur(fib, (0, 0), max(0.6, ctx.px(2.0)))
+    fib = np.minimum(fib, 1.0)
+    fib += splat(ctx.shape, np.array(poles), ctx.px(5.0), 1.0)
+    return fib * _sel(ctx, ids) * ctx.cell_mask
+
+
+def _centrosome(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    g, rng = ctx.geo, ctx.rng
+    pts = []
+    for k in ids:
+        c = g.centrosome[k - 1]
+        pts.append(c)
+        if rng.random() < 0.5:
+            pts.append(c + rng.normal(0, ctx.px(5.0), 2))
+    dots = splat(ctx.shape, np.array(pts), ctx.px(3.0), 1.0)
+    return np.minimum(dots, 1.2) * _sel(ctx, ids) + 0.03 * ctx.cyto * _sel(ctx, ids)
+
+
+def _plasma_membrane(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    rim = np.exp(-((ctx.d_border / np.float32(ctx.px(5.0))) ** 2))
+    rim *= 0.8 + 0.2 * smooth_noise(ctx.shape, ctx.px(8.0), ctx.rng)
+    return (rim + 0.05) * ctx.cell_mask * _sel(ctx, ids)
+
+
+def _mitochondria(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    sel = _sel(ctx, ids)
+    weight = 0.35 + 0.65 * np.exp(-ctx.d_nuc_out / np.float32(ctx.px(50.0)))
+    starts = ctx.sample_points(ctx.cyto & sel, 1.0 / 260.0, weight)
+    own = ctx.cells[starts[:, 1].astype(int), starts[:, 0].astype(int)].astype(np.int64)
+    step = ctx.px(5.0)
+    pts = walk(starts, ctx.rng.uniform(0, 2 * np.pi, len(starts)), step, 4, 0.35, ctx.rng)
+    fib = draw_fibres(ctx.shape, pts, own, ctx.cells, thickness=_thin(ctx) + 1, prefix=True, rng=ctx.rng)
+    fib = cv2.GaussianBlur(fib, (0, 0), max(0.5, ctx.px(1.5)))
+    return (np.minimum(fib, 1.3) + 0.04) * ctx.cyto * sel
+
+
+def _aggresome(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    g, rng = ctx.geo, ctx.rng
+    pts, amps = [], []
+    for k in ids:
+        i = k - 1
+        c = g.centrosome[i] + rng.normal(0, ctx.px(6.0), 2)
+        for _ in range(4):
+            pts.append(c + rng.normal(0, ctx.px(6.0), 2))
+            amps.append(rng.uniform(0.6, 1.0))
+    blob = splat(ctx.shape, np.array(pts), ctx.px(10.0), np.array(amps))
+    blob = np.minimum(blob, 1.8)
+    return (blob + 0.05 * ctx.cyto) * _sel(ctx, ids) * ctx.cell_mask
+
+
+def _cytosol(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    tex = smooth_noise(ctx.shape, ctx.px(5.0), ctx.rng)
+    edge = 1.0 - 0.35 * np.exp(-ctx.d_border / np.float32(ctx.px(10.0)))
+    return ((0.85 + 0.15 * tex) * edge * ctx.cyto * _sel(ctx, ids)).astype(np.float32)
+
+
+def _vesicles(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    sel = _sel(ctx, ids)
+    pts = ctx.sample_points(ctx.cyto & sel, 1.0 / 900.0)
+    amp = ctx.rng.uniform(0.5, 1.0, len(pts))
+    dots = splat(ctx.shape, pts, ctx.px(2.6), amp)
+    return (np.minimum(dots, 1.3) + 0.05) * ctx.cyto * sel
+
+
+def _negative(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    return np.zeros(ctx.shape, np.float32)
+
+
+#: Green pattern painter per class id: ``painter(ctx, cell_ids) -> float32 map``.
+PATTERNS: dict[int, Callable[[PaintContext, np.ndarray], np.ndarray]] = {
+    0: _nucleoplasm,
+    1: _nuclear_membrane,
+    2: _nucleoli,
+    3: _fibrillar_center,
+    4: _speckles,
+    5: _nuclear_bodies,
+    6: _er,
+    7: _golgi,
+    8: _intermediate_filaments,
+    9: _actin,
+    10: _microtubules,
+    11: _mitotic_spindle,
+    12: _centrosome,
+    13: _plasma_membrane,
+    14: _mitochondria,
+    15: _aggresome,
+    16: _cytosol,
+    17: _vesicles,
+    18: _negative,
+}
