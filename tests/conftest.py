@@ -54,7 +54,7 @@ def synthetic_field() -> np.ndarray:
     h, w = 384, 448
     img = np.zeros((h, w, 4), np.uint16)
     centers = [(70 + 110 * (i % 4), 70 + 120 * (i // 4)) for i in range(12)]
-    for (cx, cy) in centers:
+    for cx, cy in centers:
         cx += int(rng.integers(-8, 8))
         cy += int(rng.integers(-8, 8))
         for ch, r, val in ((0, 44, 9000), (3, 44, 8000), (1, 40, 12000), (2, 18, 30000)):

@@ -22,8 +22,9 @@ from service.manifest import sha256_file
 __all__ = ["build_linear_onnx", "write_model_folder"]
 
 
-def build_linear_onnx(path: Path, input_size: int, weights: np.ndarray, bias: np.ndarray,
-                      fail_on_batch_over: int | None = None) -> None:
+def build_linear_onnx(
+    path: Path, input_size: int, weights: np.ndarray, bias: np.ndarray, fail_on_batch_over: int | None = None
+) -> None:
     """Write p = sigmoid(mean_hw(x) @ W + b) as ONNX.
 
     Parameters

@@ -27,8 +27,9 @@ def _files(field: np.ndarray, ext: str = ".png") -> dict:
 
 @pytest.fixture(scope="module")
 def client(test_model_dir):
-    settings = Settings(model_dir=test_model_dir, providers=["CPUExecutionProvider"], log_json=False,
-                        max_image_pixels=4000 * 4000)
+    settings = Settings(
+        model_dir=test_model_dir, providers=["CPUExecutionProvider"], log_json=False, max_image_pixels=4000 * 4000
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -139,11 +140,22 @@ BAD_INPUTS = {
     "truncated": (None, 422, "red"),
     "huge_declared": (lambda f: {**f, "red": ("r.png", _png_header_only(100000, 100000), "image/png")}, 413, "red"),
     "size_mismatch": (
-        lambda f: {**f, "yellow": ("y.png", png_bytes(np.zeros((100, 120), np.uint8)), "image/png")}, 422, "yellow"),
+        lambda f: {**f, "yellow": ("y.png", png_bytes(np.zeros((100, 120), np.uint8)), "image/png")},
+        422,
+        "yellow",
+    ),
     "colour_not_tint": (
-        lambda f: {**f, "green": ("g.png", png_bytes(np.random.default_rng(0).integers(0, 255, (384, 448, 3),
-                                                                                         dtype=np.uint8)),
-                                  "image/png")}, 422, "green"),
+        lambda f: {
+            **f,
+            "green": (
+                "g.png",
+                png_bytes(np.random.default_rng(0).integers(0, 255, (384, 448, 3), dtype=np.uint8)),
+                "image/png",
+            ),
+        },
+        422,
+        "green",
+    ),
     "extra_channel": (lambda f: {**f, "purple": ("p.png", f["red"][1], "image/png")}, 422, "purple"),
 }
 

@@ -1,0 +1,64 @@
+"""The dynamic batcher: each caller gets its own rows back, and concurrent callers share batches."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batcher import DynamicBatcher
+from service.inference import Classifier
+
+
+def test_each_request_gets_its_own_cells_under_concurrency(test_model_dir):
+    clf = Classifier(test_model_dir, ["CPUExecutionProvider"], max_batch=64)
+    calls = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.shape[0])
+        time.sleep(0.01)  # a model call takes time, so callers pile up
+        return clf.predict(batch)
+
+    batcher = DynamicBatcher(run, max_batch=32, max_wait_s=0.02)
+    rng = np.random.default_rng(0)
+    requests = [rng.uniform(0, 255, (int(rng.integers(1, 20)), 32, 32, 4)).astype(np.float32) for _ in range(24)]
+    expected = [clf.predict(r) for r in requests]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        got = list(pool.map(lambda r: batcher(r, timeout=30), requests))
+    batcher.close()
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+    assert sum(calls) == sum(r.shape[0] for r in requests)
+    assert batcher.stats.shared_batches > 0, "no batch carried cells of two requests"
+    assert batcher.stats.batches < len(requests)
+    assert max(calls) <= 32
+
+
+def test_large_request_is_split_into_max_batch(test_model_dir):
+    clf = Classifier(test_model_dir, ["CPUExecutionProvider"])
+    sizes = []
+    batcher = DynamicBatcher(lambda b: (sizes.append(b.shape[0]), clf.predict(b))[1], max_batch=16, max_wait_s=0)
+    x = np.random.default_rng(1).uniform(0, 255, (50, 32, 32, 4)).astype(np.float32)
+    np.testing.assert_allclose(batcher(x), clf.predict(x), rtol=1e-5, atol=1e-6)
+    assert sizes == [16, 16, 16, 2]
+    batcher.close()
+
+
+def test_model_error_reaches_the_caller_and_batcher_keeps_working():
+    fail = threading.Event()
+    fail.set()
+
+    def run(batch):
+        if fail.is_set():
+            raise RuntimeError("onnxruntime exploded")
+        return np.ones((batch.shape[0], 19), np.float32)
+
+    batcher = DynamicBatcher(run, max_batch=8, max_wait_s=0)
+    with pytest.raises(RuntimeError, match="exploded"):
+        batcher(np.zeros((3, 4), np.float32), timeout=5)
+    fail.clear()
+    assert batcher(np.zeros((3, 4), np.float32), timeout=5).shape == (3, 19)
+    batcher.close()
