@@ -44,6 +44,8 @@ class ClassifyOptions:
         Integrated-gradient steps.
     ig_baseline : str
         ``"black"`` or ``"blur"``.
+    ig_max_cells : int
+        Attributions for at most this many cells (in cell id order).
     """
 
     threshold: float | None = None
@@ -53,6 +55,7 @@ class ClassifyOptions:
     attribution_classes: tuple[int, ...] | None = None
     ig_steps: int = 64
     ig_baseline: str = "black"
+    ig_max_cells: int = 64
 
 
 @dataclass
@@ -218,32 +221,42 @@ class Pipeline:
         from service.attribution import encode_map, integrated_gradients, map_to_box
 
         grad = self.classifier.manifest.grad
-        assert grad is not None  # checked by the caller
+        if grad is None:
+            raise ValueError("this model folder has no gradient model (grad.onnx)")
+        chosen = list(range(min(len(cells), options.ig_max_cells)))
         targets = [
-            list(options.attribution_classes) if options.attribution_classes is not None else list(c.labels)
-            for c in cells
+            list(options.attribution_classes) if options.attribution_classes is not None else list(cells[i].labels)
+            for i in chosen
         ]
         maps = integrated_gradients(
             self.classifier.grad_session(),
             grad.batch,
-            batch,
+            batch[chosen],
             targets,
             steps=options.ig_steps,
             baseline=options.ig_baseline,
+            max_steps=max(options.ig_steps, 2),
         )
         rule = self.classifier.crop_rule
-        for cell, cell_maps in zip(cells, maps, strict=True):
+        for i, cell_maps in zip(chosen, maps, strict=True):
+            cell = cells[i]
             for amap in cell_maps:
-                boxed = map_to_box(amap.map, cell.record.bbox, rule)
+                boxed = map_to_box(amap.attribution, cell.record.bbox, rule)
                 cell.attributions.append(
                     {
                         "class_id": amap.class_id,
                         "name": CLASS_NAMES[amap.class_id],
                         "bbox": list(cell.record.bbox),
                         "map": encode_map(boxed),
-                        "completeness_error": float(amap.completeness_error),
-                        "score": float(amap.score),
-                        "baseline_score": float(amap.baseline_score),
-                        "steps": options.ig_steps,
+                        "channel_totals": {
+                            c: float(v)
+                            for c, v in zip(("red", "green", "blue", "yellow"), amap.channel_totals, strict=True)
+                        },
+                        "completeness_error": float(amap.completeness_rel),
+                        "completeness_abs": float(amap.completeness_abs),
+                        "score": float(amap.f_input),
+                        "baseline_score": float(amap.f_baseline),
+                        "steps": int(amap.steps),
+                        "baseline": amap.baseline,
                     }
                 )

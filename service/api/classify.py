@@ -184,6 +184,7 @@ async def classify(
         attribution_classes=classes,
         ig_steps=steps,
         ig_baseline=ig_baseline,
+        ig_max_cells=settings.ig_max_cells,
     )
     if not state.admission.try_enter():
         request.app.state.metrics.rejected("overloaded")

@@ -67,13 +67,19 @@ class Attribution(BaseModel):
     name: str
     bbox: list[int] = Field(description="[row0, col0, row1, col1] the map covers", examples=[[120, 310, 402, 598]])
     map: AttributionMapData
+    channel_totals: dict[str, float] = Field(
+        description="Attribution summed per input channel (red, green, blue, yellow)",
+        examples=[{"red": 0.01, "green": 0.83, "blue": 0.05, "yellow": 0.02}],
+    )
     completeness_error: float = Field(
         description="|sum(attributions) - (f(x) - f(baseline))| / |f(x) - f(baseline)|; small means converged",
         examples=[0.004],
     )
+    completeness_abs: float = Field(description="|sum(attributions) - (f(x) - f(baseline))|", examples=[0.003])
     score: float = Field(description="Model output f(x) for the class", examples=[0.93])
     baseline_score: float = Field(description="Model output f(baseline) for the class", examples=[0.02])
     steps: int = Field(examples=[64])
+    baseline: str = Field(examples=["black"])
 
 
 class CellOut(BaseModel):
