@@ -289,7 +289,7 @@ def test_effnet_completeness_at_default_steps(effnet):
     x = _cells(6, SIZE, seed=21)
     res = integrated_gradients(sess, BATCH, x, [[c] for c in range(6)])
     errs = [m.completeness_rel for maps in res for m in maps]
-    print("completeness (relative) at default steps:", ["%.2e" % e for e in errs])
+    print("completeness (relative) at default steps:", [f"{e:.2e}" for e in errs])
     assert max(errs) < 0.05
     d = res[0][0].to_dict()
     assert d["map"]["shape"] == [SIZE, SIZE] and d["steps"] == DEFAULT_STEPS
