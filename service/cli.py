@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {
         "train",
     ),
     "overlay": ("service.overlay", "render a field with cell outlines, labels and IG heatmaps as PNG", None),
+    "hpa-export": ("training.hpa_export", "convert the official HPA segmentation weights to ONNX", "hpa"),
 }
 
 
