@@ -43,9 +43,12 @@ __all__ = ["SIM_VERSION", "SimConfig", "SimField", "generate_field", "write_data
 SIM_VERSION = "1.0"
 MITOTIC_SPINDLE = 11
 
-#: Relative weight of each class as a field's primary localisation (balanced, no class starved).
-_PRIMARY_WEIGHTS: dict[int, float] = {c: 1.0 for c in range(NUM_CLASSES - 1)}
-_PRIMARY_WEIGHTS.update({0: 2.2, 16: 1.8, 11: 0.8, 2: 1.1, 13: 1.1})
+#: Primary classes in one balanced cycle: every class once, nucleoplasm and cytosol (the commonest HPA
+#: localisations) and a few others more often. Each block of consecutive fields uses a seeded permutation
+#: of this cycle, so every class is a primary localisation in every block and no class is starved.
+_PRIMARY_CYCLE: tuple[int, ...] = tuple(range(NUM_CLASSES - 1)) + (0, 16, 0, 16, 13, 2)
+_CYCLE_SALT = 0x48504153494D  # "HPASIM": keeps the cycle's seed stream apart from the fields' streams
+
 
 #: Co-occurring partners of a primary class: (partner, probability).
 _PARTNERS: dict[int, list[tuple[int, float]]] = {
@@ -130,7 +133,7 @@ class SimField:
     cell_labels : dict of int to list of int
         Sorted class ids per cell id (``[18]`` for negative cells).
     field_labels : list of int
-        The field's intended protein localisation set (before per-cell heterogeneity).
+        The field's intended protein localisation set (primary class first), before per-cell heterogeneity.
     mitotic : list of int
         Ids of mitotic cells.
     """
@@ -157,17 +160,23 @@ def _field_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
 
 
-def _sample_field_set(rng: np.random.Generator, config: SimConfig) -> list[int]:
+def _primary_class(seed: int, index: int) -> int:
+    """The primary localisation of field ``index``: a seeded permutation of the balanced cycle per block."""
+    n = len(_PRIMARY_CYCLE)
+    block, pos = divmod(int(index), n)
+    perm = np.random.default_rng(np.random.SeedSequence([int(seed), block, _CYCLE_SALT])).permutation(n)
+    return _PRIMARY_CYCLE[int(perm[pos])]
+
+
+def _sample_field_set(rng: np.random.Generator, config: SimConfig, seed: int, index: int) -> list[int]:
     if rng.random() < config.negative_field_fraction:
         return [NEGATIVE]
-    classes = np.array(sorted(_PRIMARY_WEIGHTS))
-    weights = np.array([_PRIMARY_WEIGHTS[c] for c in classes])
-    primary = int(rng.choice(classes, p=weights / weights.sum()))
+    primary = _primary_class(seed, index)
     labels = {primary}
     for partner, p in _PARTNERS.get(primary, []):
         if rng.random() < p and len(labels) < 3:
             labels.add(partner)
-    return sorted(labels)
+    return [primary] + sorted(labels - {primary})
 
 
 def _assign_cell_labels(rng: np.random.Generator, geo: FieldGeometry, field_set: list[int]) -> dict[int, list[int]]:
@@ -242,7 +251,7 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     size = int(config.size)
     scale = size / 2048.0 * config.cell_scale
     n_cells = tuple(max(1, int(round(v / config.cell_scale**2))) for v in config.n_cells)
-    field_set = _sample_field_set(rng, config)
+    field_set = _sample_field_set(rng, config, seed, index)
     want_spindle = MITOTIC_SPINDLE in field_set
     geo = make_geometry(
         size,
@@ -264,12 +273,12 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
         return lut
 
     mit_boost = 1.0 + 0.35 * cell_lut(n, np.flatnonzero(geo.mitotic) + 1, 1.0)
-    red = red_channel(ctx) * (cell_gain(0.2) * mit_boost)[geo.cells] * np.float32(rng.uniform(0.55, 0.95))
-    yellow = yellow_channel(ctx) * (cell_gain(0.25) * mit_boost)[geo.cells] * np.float32(rng.uniform(0.35, 0.7))
+    red = red_channel(ctx) * (cell_gain(0.2) * mit_boost)[geo.cells] * np.float32(rng.uniform(0.7, 1.05))
+    yellow = yellow_channel(ctx) * (cell_gain(0.25) * mit_boost)[geo.cells] * np.float32(rng.uniform(0.45, 0.8))
     blue = blue_channel(ctx) * cell_gain(0.15)[geo.nuclei] * np.float32(rng.uniform(0.5, 0.85))
 
     green = 0.025 * ctx.cell_mask.astype(np.float32)
-    protein_gain = float(np.exp(rng.normal(np.log(0.5), 0.35)))
+    protein_gain = float(np.exp(rng.normal(np.log(0.32), 0.35)))
     per_cell = cell_gain(0.4)
     present = sorted({c for labels in cell_labels.values() for c in labels} - {NEGATIVE})
     for c in present:
@@ -287,7 +296,7 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     illum = illum.astype(np.float32)
     channels = []
     for v in (red, green, blue, yellow):
-        v = v * illum + np.float32(rng.uniform(0.0, 0.02))
+        v = v * illum + np.float32(rng.uniform(0.0, 0.01))
         if config.noise > 0:
             photons = rng.uniform(150.0, 600.0)
             sd = np.sqrt(np.maximum(v, 0) / np.float32(photons)) + np.float32(rng.uniform(0.003, 0.01))

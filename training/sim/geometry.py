@@ -109,7 +109,7 @@ def _place_seeds(
     bias = rng.uniform(-0.5, 1.5)
     attempts = 60 * n_target + 200
     cand = rng.uniform(-margin, size + margin, (attempts, 2))
-    radii = r_mean * rng.uniform(0.78, 1.25, attempts)
+    radii = r_mean * rng.uniform(0.72, 1.32, attempts)
     gx = np.clip((cand[:, 0] / size * 63).astype(int), 0, 63)
     gy = np.clip((cand[:, 1] / size * 63).astype(int), 0, 63)
     p_accept = 1.0 / (1.0 + np.exp(-(2.0 * density[gy, gx] + bias)))
@@ -135,8 +135,8 @@ def _place_seeds(
 
 def _radial_profile(rng: np.random.Generator, amp: float, n_terms: int = 5) -> np.ndarray:
     """Fourier coefficients (k, amplitude, phase) of a noisy radial profile."""
-    ks = np.arange(2, 2 + n_terms)
-    amps = amp * rng.uniform(0.2, 1.0, n_terms) / ks**0.8
+    ks = np.arange(1, 1 + n_terms)
+    amps = amp * rng.uniform(0.2, 1.0, n_terms) / np.maximum(ks - 1, 1) ** 0.8
     phases = rng.uniform(0, 2 * np.pi, n_terms)
     return np.stack([ks, amps, phases], axis=1)
 
@@ -193,7 +193,7 @@ def make_geometry(
     """
     r_mean = REF_CELL_RADIUS * scale
     n_target = int(rng.integers(n_cells[0], n_cells[1] + 1))
-    spacing = rng.uniform(0.62, 0.8)
+    spacing = rng.uniform(0.65, 0.8)
     pts, rad = _place_seeds(size, rng, n_target, r_mean, spacing)
     m = len(pts)
     mitotic = rng.random(m) < mitotic_fraction
@@ -213,10 +213,10 @@ def make_geometry(
     b_cell = rad / np.sqrt(asp) * reach_f
     th_cell = rng.uniform(0, np.pi, m)
     # Nucleus: offset from the cell centre, size limited by the short axis.
-    b_nuc = np.minimum(b_cell / reach_f * rng.uniform(0.5, 0.72, m), rad * 0.42)
-    a_nuc = np.minimum(b_nuc * rng.uniform(1.0, 1.45, m), rad * 0.5)
+    b_nuc = np.minimum(b_cell / reach_f * rng.uniform(0.6, 0.82, m), rad * 0.5)
+    a_nuc = np.minimum(b_nuc * rng.uniform(1.0, 1.4, m), rad * 0.58)
     th_nuc = th_cell + rng.normal(0, 0.35, m)
-    off = rng.uniform(0, 0.3, m) * np.maximum(a_cell - a_nuc, 0)
+    off = np.minimum(rng.uniform(0, 0.3, m) * np.maximum(a_cell - a_nuc, 0), np.maximum(0.62 * rad - a_nuc, 0))
     off_dir = rng.choice([-1.0, 1.0], m)
     nuc_c = pts + (off * off_dir)[:, None] * np.stack([np.cos(th_cell), np.sin(th_cell)], 1)
     # Mitotic: metaphase plate (thin, long), spindle perpendicular to it.
@@ -242,14 +242,14 @@ def make_geometry(
         xs = np.arange(x0, x1, dtype=np.float32)[None, :]
         ys = np.arange(y0, y1, dtype=np.float32)[:, None]
         xs, ys = np.broadcast_to(xs, (y1 - y0, x1 - x0)), np.broadcast_to(ys, (y1 - y0, x1 - x0))
-        prof = _radial_profile(rng, 0.07 if mitotic[i] else 0.28)
+        prof = _radial_profile(rng, 0.07 if mitotic[i] else 0.2)
         met = _ellipse_metric(xs, ys, pts[i, 0], pts[i, 1], a_cell[i], b_cell[i], th_cell[i], prof)
-        met += 0.08 * mix[i, 0] * n_a[y0:y1, x0:x1] + 0.025 * mix[i, 1] * n_b[y0:y1, x0:x1]
+        met += 0.07 * mix[i, 0] * n_a[y0:y1, x0:x1] + 0.012 * mix[i, 1] * n_b[y0:y1, x0:x1]
         sub_best = best[y0:y1, x0:x1]
         win = met < sub_best
         sub_best[win] = met[win]
         owner[y0:y1, x0:x1][win] = i + 1
-        nprof = _radial_profile(rng, 0.25 if mitotic[i] else 0.08, 4)
+        nprof = _radial_profile(rng, 0.25 if mitotic[i] else 0.13, 4)
         nr = a_nuc[i] * 1.4
         nx0, nx1 = int(max(0, nuc_c[i, 0] - nr)), int(min(w, nuc_c[i, 0] + nr + 1))
         ny0, ny1 = int(max(0, nuc_c[i, 1] - nr)), int(min(h, nuc_c[i, 1] + nr + 1))
@@ -263,6 +263,18 @@ def make_geometry(
         sub_nuc = nuclei[ny0:ny1, nx0:nx1]
         sub_nuc[(nmet < 1.0) & (sub_nuc == 0)] = i + 1
     cells = np.where(best < 1.0, owner, 0)
+    # Fill small background pockets enclosed by cells (noise holes) from the nearest territory.
+    nb, comp, stats, _ = cv2.connectedComponentsWithStats((cells == 0).astype(np.uint8), connectivity=4)
+    small = (stats[:, cv2.CC_STAT_AREA] < 0.08 * r_mean**2) & (
+        (stats[:, cv2.CC_STAT_LEFT] > 0)
+        & (stats[:, cv2.CC_STAT_TOP] > 0)
+        & (stats[:, cv2.CC_STAT_LEFT] + stats[:, cv2.CC_STAT_WIDTH] < w)
+        & (stats[:, cv2.CC_STAT_TOP] + stats[:, cv2.CC_STAT_HEIGHT] < h)
+    )
+    small[0] = False
+    if small.any():
+        pocket = small[comp] & (cells == 0)
+        cells[pocket] = owner[pocket]
     has_nuc = nuclei > 0
     cells[has_nuc] = nuclei[has_nuc]
 

@@ -78,6 +78,11 @@ class PaintContext:
         """Microtubule network: fibres radiating from the centrosome plus a curved meshwork."""
         return microtubules(self)
 
+    @cached_property
+    def seam(self) -> np.ndarray:
+        """Multiplicative dimming (0.45-1) along cell borders: the dark line between touching cells."""
+        return (1.0 - 0.55 * np.exp(-self.d_border / np.float32(self.px(2.5)))).astype(np.float32)
+
     def sample_points(self, region: np.ndarray, density: float, weight: np.ndarray | None = None) -> np.ndarray:
         """Uniform random points (x, y) inside ``region`` at ``density`` per reference px².
 
@@ -209,17 +214,22 @@ def draw_fibres(
     ok = inside & (lab == owner[:, None])
     if prefix:
         ok = np.cumprod(ok, axis=1).astype(bool)
-    seg = ok[:, :-1] & ok[:, 1:]
     grp = rng.integers(0, groups, len(pts)) if rng is not None else np.arange(len(pts)) % groups
     fixed = np.rint(pts * 4).astype(np.int32)
-    for g in range(groups):
-        canvas = np.zeros((h, w), np.float32)
-        sel = seg & (grp == g)[:, None]
-        a = fixed[:, :-1][sel]
-        b = fixed[:, 1:][sel]
-        if len(a) == 0:
+    if prefix:
+        # Each fibre is one polyline up to where it first leaves its cell.
+        length = ok.sum(axis=1)
+        per_group = [[fixed[f, : length[f]] for f in np.flatnonzero((length >= 2) & (grp == g))] for g in range(groups)]
+    else:
+        seg = ok[:, :-1] & ok[:, 1:]
+        per_group = []
+        for g in range(groups):
+            sel = seg & (grp == g)[:, None]
+            per_group.append(list(np.stack([fixed[:, :-1][sel], fixed[:, 1:][sel]], axis=1)))
+    for g, lines in enumerate(per_group):
+        if not lines:
             continue
-        lines = list(np.stack([a, b], axis=1))
+        canvas = np.zeros((h, w), np.float32)
         cv2.polylines(canvas, lines, False, value * (0.45 + 0.55 * (g + 1) / groups), thickness, cv2.LINE_8, 2)
         out += canvas
     return out
@@ -233,8 +243,8 @@ def er_network(ctx: PaintContext) -> np.ndarray:
     """Reticular ER: polygon network, denser and brighter near the nucleus, within cells."""
     h, w = ctx.shape
     d = ctx.d_nuc_out
-    weight = np.exp(-d / np.float32(ctx.px(70.0)))
-    pts = ctx.sample_points(ctx.cell_mask, 1.0 / 180.0, weight * 0.85 + 0.15)
+    weight = np.exp(-d / np.float32(ctx.px(45.0)))
+    pts = ctx.sample_points(ctx.cell_mask, 1.0 / 70.0, weight * 0.8 + 0.2)
     if len(pts) < 2:
         return np.zeros((h, w), np.float32)
     seeds = np.ones((h, w), np.uint8)
@@ -249,9 +259,10 @@ def er_network(ctx: PaintContext) -> np.ndarray:
     edge = cv2.GaussianBlur(edge, (0, 0), max(0.5, ctx.px(1.3)))
     edge /= max(float(edge.max()), 1e-6)
     grain = smooth_noise((h, w), ctx.px(6.0), ctx.rng)
-    net = edge * (0.75 + 0.25 * grain) * (0.45 + 0.55 * weight)
-    sheet = 0.35 * np.exp(-d / np.float32(ctx.px(35.0)))
-    base = 0.12
+    gaps = np.clip(0.6 + 0.5 * smooth_noise((h, w), ctx.px(10.0), ctx.rng), 0.0, 1.0)
+    net = edge * (0.75 + 0.25 * grain) * gaps * (0.25 + 0.75 * weight)
+    sheet = 0.45 * np.exp(-d / np.float32(ctx.px(30.0)))
+    base = 0.06
     out = (net + sheet + base) * ctx.cyto
     out += 0.1 * ctx.nuc_mask
     return out.astype(np.float32)
@@ -263,35 +274,35 @@ def microtubules(ctx: PaintContext) -> np.ndarray:
     h, w = ctx.shape
     if g.n == 0:
         return np.zeros((h, w), np.float32)
-    per_cell = np.maximum(10, (g.cell_radius / ctx.s * 0.9).astype(int))
+    per_cell = np.maximum(6, (g.cell_radius / ctx.s * 0.22).astype(int))
     owner = np.repeat(np.arange(1, g.n + 1), per_cell)
     starts = np.repeat(g.centrosome, per_cell, axis=0) + rng.normal(0, ctx.px(4), (len(owner), 2))
     ang = rng.uniform(0, 2 * np.pi, len(owner))
     step = ctx.px(9.0)
     nsteps = int(np.ceil(2.6 * g.cell_radius.max() / step))
-    pts = walk(starts, ang, step, nsteps, 0.07, rng)
-    radial = draw_fibres(ctx.shape, pts, owner, ctx.cells, thickness=_thin(ctx), rng=rng)
-    mstarts = ctx.sample_points(ctx.cyto, 1.0 / 1400.0)
+    pts = walk(starts, ang, step, nsteps, 0.13, rng)
+    radial = draw_fibres(ctx.shape, pts, owner, ctx.cells, thickness=1, rng=rng, value=0.8)
+    mstarts = ctx.sample_points(ctx.cyto, 1.0 / 260.0)
     mown = ctx.cells[mstarts[:, 1].astype(int), mstarts[:, 0].astype(int)].astype(np.int64)
-    mpts = walk(mstarts, rng.uniform(0, 2 * np.pi, len(mstarts)), step, 14, 0.12, rng)
-    mesh = draw_fibres(ctx.shape, mpts, mown, ctx.cells, thickness=1, prefix=True, rng=rng, value=0.8)
+    mpts = walk(mstarts, rng.uniform(0, 2 * np.pi, len(mstarts)), step, 12, 0.2, rng)
+    mesh = draw_fibres(ctx.shape, mpts, mown, ctx.cells, thickness=1, prefix=True, rng=rng, value=0.6)
     fib = cv2.GaussianBlur(radial + mesh, (0, 0), max(0.5, ctx.px(1.0)))
-    fib = np.minimum(fib, 1.6)
+    fib = np.minimum(fib, 1.3)
     cortex = np.exp(-ctx.d_border / np.float32(ctx.px(12.0)))
     peri = np.exp(-ctx.d_nuc_out / np.float32(ctx.px(25.0)))
-    out = (0.55 * fib + 0.18 + 0.18 * cortex + 0.15 * peri) * ctx.cell_mask
+    out = (0.6 * fib + 0.12 + 0.3 * cortex + 0.25 * peri) * ctx.cell_mask
     out *= np.where(ctx.nuc_mask, np.float32(0.55), np.float32(1.0))
     return out.astype(np.float32)
 
 
 def red_channel(ctx: PaintContext) -> np.ndarray:
-    """The red (microtubule) channel structure; mitotic cells are rounded and brighter."""
-    return ctx.mt
+    """The red (microtubule) channel structure, dimmed along the seams between cells."""
+    return ctx.mt * ctx.seam
 
 
 def yellow_channel(ctx: PaintContext) -> np.ndarray:
-    """The yellow (ER) channel structure."""
-    return ctx.er
+    """The yellow (ER) channel structure, dimmed along the seams between cells."""
+    return ctx.er * ctx.seam
 
 
 def blue_channel(ctx: PaintContext) -> np.ndarray:
@@ -302,7 +313,7 @@ def blue_channel(ctx: PaintContext) -> np.ndarray:
     mit = cell_lut(g.n, np.flatnonzero(g.mitotic) + 1, 1.0)[g.nuclei]
     base = 1.0 + 0.12 * tex + 0.1 * coarse
     rim = np.exp(-ctx.d_nuc_in / np.float32(ctx.px(8.0)))
-    val = base * (1.0 - 0.4 * g.nucleoli) * (0.92 + 0.12 * rim)
+    val = base * (1.0 - 0.25 * g.nucleoli) * (0.92 + 0.12 * rim)
     val = np.where(mit > 0, 1.5 + 0.3 * tex, val) * ctx.nuc_mask
     val = cv2.GaussianBlur(val.astype(np.float32), (0, 0), max(0.5, ctx.px(1.5)))
     return val
@@ -434,7 +445,7 @@ def _actin(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
         d = np.array([np.cos(theta), np.sin(theta)])
         perp = np.array([-d[1], d[0]])
         r = g.cell_radius[i] * 1.5
-        m = int(rng.integers(8, 20))
+        m = int(rng.integers(18, 40))
         offs = rng.uniform(-r, r, m)
         starts = g.cell_center[i] + offs[:, None] * perp - r * d
         nsteps = int(2 * r / step)
@@ -448,7 +459,7 @@ def _actin(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
     fib = draw_fibres(ctx.shape, pts, np.concatenate(owners), ctx.cells, thickness=_thin(ctx), prefix=False, rng=rng)
     fib = cv2.GaussianBlur(fib, (0, 0), max(0.5, ctx.px(1.2)))
     cortex = np.exp(-ctx.d_border / np.float32(ctx.px(7.0)))
-    return ((0.8 * np.minimum(fib, 1.2) + 0.8 * cortex + 0.05) * sel * ctx.cell_mask).astype(np.float32)
+    return ((0.9 * np.minimum(fib, 1.2) + 0.7 * cortex + 0.08) * sel * ctx.cell_mask).astype(np.float32)
 
 
 def _microtubules(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
