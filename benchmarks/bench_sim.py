@@ -10,11 +10,13 @@ import os
 import tempfile
 import time
 
+import cv2
+
 from training.sim.generator import SimConfig, generate_field, write_dataset
 
 
-def bench_generate(size: int, n: int, seed: int = 0) -> float:
-    """Mean seconds to generate one field of ``size``² in this process (no disk writes).
+def bench_generate(size: int, n: int, seed: int = 0) -> tuple[float, float]:
+    """Mean wall and CPU seconds to generate one field of ``size``² in this process (no disk writes).
 
     Parameters
     ----------
@@ -27,15 +29,15 @@ def bench_generate(size: int, n: int, seed: int = 0) -> float:
 
     Returns
     -------
-    float
-        Seconds per field.
+    tuple of float
+        Wall seconds and CPU seconds per field (OpenCV limited to one thread, so CPU ~ single-core time).
     """
     cfg = SimConfig(size=size)
     generate_field(10_000, seed, cfg)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
         generate_field(i, seed, cfg)
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
 def bench_write(size: int, n: int, workers: int) -> float:
@@ -53,10 +55,14 @@ def main() -> None:
     ap.add_argument("--n2048", type=int, default=5)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
-    print(f"cpu cores: {os.cpu_count()}")
+    print(f"cpu cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
+    cv2.setNumThreads(1)
     for size, n in ((512, args.n512), (2048, args.n2048)):
-        s = bench_generate(size, n)
-        print(f"generate {size}x{size}: {s:.3f} s/field single process ({60 / s:.0f} fields/min), n={n}")
+        wall, cpu = bench_generate(size, n)
+        print(
+            f"generate {size}x{size}: {wall:.3f} s/field wall, {cpu:.3f} s/field CPU, single process "
+            f"({60 / wall:.0f} fields/min wall), n={n}"
+        )
     for size, n in ((512, args.n512), (2048, args.n2048)):
         s = bench_write(size, n, args.workers)
         print(

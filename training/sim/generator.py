@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from service.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES, format_label
-from training.sim.geometry import FieldGeometry, make_geometry, smooth_noise
+from training.sim.geometry import FieldGeometry, make_geometry
 from training.sim.patterns import (
     NUCLEAR_CLASSES,
     PATTERNS,
@@ -289,11 +289,14 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
         green += PATTERNS[c](ctx, ids) * lut[geo.cells]
 
     # Acquisition: uneven illumination, background, shot and read noise, quantisation.
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / np.float32(size)
+    g = 64
+    yy, xx = np.mgrid[0:g, 0:g].astype(np.float32) / np.float32(g - 1)
     ang = rng.uniform(0, 2 * np.pi)
     grad = (np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5)) * 2.0
-    illum = 1.0 + config.illumination * (rng.uniform(0.0, 0.25) * grad + 0.08 * smooth_noise((h, w), 0.3 * size, rng))
-    illum = illum.astype(np.float32)
+    blob = cv2.GaussianBlur(rng.standard_normal((g, g)).astype(np.float32), (0, 0), 0.3 * g)
+    blob /= max(float(blob.std()), 1e-6)
+    illum = 1.0 + config.illumination * (rng.uniform(0.0, 0.25) * grad + 0.08 * blob)
+    illum = cv2.resize(illum.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     channels = []
     for v in (red, green, blue, yellow):
         v = v * illum + np.float32(rng.uniform(0.0, 0.01))

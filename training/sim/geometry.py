@@ -47,10 +47,12 @@ def smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator)
     sh, sw = max(4, int(np.ceil(h / factor)) + 2), max(4, int(np.ceil(w / factor)) + 2)
     small = rng.standard_normal((sh, sw), dtype=np.float32)
     small = cv2.GaussianBlur(small, (0, 0), max(0.5, sigma / factor), borderType=cv2.BORDER_REFLECT)
-    big = small if (sh, sw) == (h, w) else cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
-    big -= float(big.mean())
-    std = float(big.std())
-    return big / std if std > 0 else big
+    # Normalise on the small array (cheap); upsampling keeps mean and, closely, the spread.
+    small -= np.float32(small.mean())
+    std = float(small.std())
+    if std > 0:
+        small *= np.float32(1.0 / std)
+    return small if (sh, sw) == (h, w) else cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
 @dataclass
