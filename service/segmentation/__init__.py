@@ -17,6 +17,8 @@ __all__ = ["BACKENDS", "Segmenter", "SegmentationError", "make_segmenter", "back
 #: Registry: backend name -> ``"module:Class"``; the class is built as ``Class(**options)``.
 BACKENDS: dict[str, str] = {
     "classical": "service.segmentation.classical:ClassicalSegmenter",
+    "hpa": "service.segmentation.hpa:HpaSegmenter",
+    "hpacellseg": "service.segmentation.hpacellseg_backend:HpaCellSegSegmenter",
 }
 
 
