@@ -1,0 +1,203 @@
+"""Segmentation benchmark: quality against ground truth and speed, and the overlay pictures.
+
+Run from the repository root::
+
+    python benchmarks/bench_segmentation.py                      # HPA-sim, 20 fields at 512², 5 at 2048²
+    python benchmarks/bench_segmentation.py --n512 5 --n2048 1   # quicker
+    python benchmarks/bench_segmentation.py --overlays docs      # also write the overlay PNGs
+
+Prints, per field size: cell F1 and mean IoU of matched cells (one-to-one matches
+at IoU >= 0.5), the same for nuclei, precision/recall, and seconds per field
+(single thread). Fields come from HPA-sim (``training.sim.generator``) when it is
+importable, otherwise from the simple drawn fields of the tests. It prints
+numbers; it does not assert anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.segmentation import make_segmenter  # noqa: E402
+
+SAMPLE = ROOT.parent / "shared" / "hpa-samples"
+
+
+def _own_scores(pred: np.ndarray, true: np.ndarray, iou_threshold: float = 0.5) -> dict[str, float | int]:
+    """One-to-one matching at IoU >= threshold (unique above 0.5), used when training.metric is absent."""
+    n_pred, n_true = int(pred.max()), int(true.max())
+    inter = np.bincount(
+        true.ravel().astype(np.int64) * (n_pred + 1) + pred.ravel(), minlength=(n_true + 1) * (n_pred + 1)
+    ).reshape(n_true + 1, n_pred + 1)[1:, 1:]
+    at = np.bincount(true.ravel(), minlength=n_true + 1)[1:, None]
+    ap = np.bincount(pred.ravel(), minlength=n_pred + 1)[None, 1:]
+    iou = inter / np.maximum(at + ap - inter, 1)
+    matched = iou[iou >= iou_threshold]
+    n_pred = int((ap > 0).sum())
+    n_true = int((at > 0).sum())
+    n = matched.size
+    return {
+        "n_pred": n_pred,
+        "n_true": n_true,
+        "n_matched": n,
+        "precision": n / n_pred if n_pred else float(n_true == 0),
+        "recall": n / n_true if n_true else float(n_pred == 0),
+        "f1": 2 * n / (n_pred + n_true) if n_pred + n_true else 1.0,
+        "mean_iou": float(matched.mean()) if n else math.nan,
+    }
+
+
+def scorer() -> tuple[str, Callable[[np.ndarray, np.ndarray], dict]]:
+    """The project's ``segmentation_scores`` when importable, else a local equivalent."""
+    try:
+        from training.metric import segmentation_scores
+
+        return "training.metric.segmentation_scores", segmentation_scores
+    except Exception:  # noqa: BLE001 - any import problem means: use the local one
+        return "local matcher", _own_scores
+
+
+def fields(n: int, side: int, seed: int) -> tuple[str, Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """(source name, iterator of (image, true cells, true nuclei)) at ``side``²."""
+    try:
+        from training.sim.generator import SimConfig, generate_field
+
+        config = SimConfig(size=side)
+
+        def gen() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            for i in range(n):
+                f = generate_field(i, seed, config)
+                yield np.asarray(f.image), np.asarray(f.cells), np.asarray(f.nuclei)
+
+        return "HPA-sim", gen()
+    except ImportError:
+        from tests.service.test_segmentation import draw_field
+
+        def drawn() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            for i in range(n):
+                yield draw_field((side, side), seed=seed + i)
+
+        return "drawn test fields (HPA-sim not importable)", drawn()
+
+
+def run(n: int, side: int, seed: int, options: dict) -> dict[str, float]:
+    """Segment ``n`` fields at ``side``² and print and return averaged scores."""
+    source, it = fields(n, side, seed)
+    _, score = scorer()
+    seg = make_segmenter("classical", **options)
+    rows = []
+    for image, true_cells, true_nuclei in it:
+        t0 = time.perf_counter()
+        cells, nuclei = seg.segment(image)
+        dt = time.perf_counter() - t0
+        c = score(cells, true_cells)
+        nu = score(nuclei, true_nuclei)
+        rows.append((c["f1"], c["mean_iou"], c["precision"], c["recall"], nu["f1"], nu["mean_iou"], dt))
+    a = np.array(rows, dtype=np.float64)
+    m = np.nanmean(a, axis=0)
+    shape = image.shape
+    print(
+        f"{shape[0]}x{shape[1]} x{len(rows)} [{source}]: cell F1 {m[0]:.3f}  mean IoU {m[1]:.3f}  "
+        f"P {m[2]:.3f} R {m[3]:.3f} | nucleus F1 {m[4]:.3f} IoU {m[5]:.3f} | {m[6]:.3f} s/field "
+        f"(min F1 {a[:, 0].min():.3f})"
+    )
+    return {"f1": m[0], "mean_iou": m[1], "nuclei_f1": m[4], "seconds": m[6]}
+
+
+def overlay(image: np.ndarray, cells: np.ndarray, nuclei: np.ndarray, side: int = 800) -> np.ndarray:
+    """RGB composite (red+yellow -> R, green+yellow -> G, blue -> B) with cell outlines white, nuclei cyan.
+
+    Returns
+    -------
+    numpy.ndarray
+        (h, w, 3) uint8 RGB, long side ``side`` (never enlarged).
+    """
+    from skimage.segmentation import find_boundaries
+
+    from service.imaging import to_unit255
+
+    img = to_unit255(image)
+    r, g, b, y = (img[:, :, k] for k in range(4))
+    rgb = np.stack([np.maximum(r, y) * 0.85, np.maximum(g, 0.6 * y), b], axis=-1)
+    rgb = np.clip(rgb * (255.0 / max(np.percentile(rgb, 99.8), 1.0)), 0, 255).astype(np.uint8)
+    h, w = cells.shape
+    f = min(1.0, side / max(h, w))
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    cs = cv2.resize(cells.astype(np.int32), size, interpolation=cv2.INTER_NEAREST_EXACT)
+    ns = cv2.resize(nuclei.astype(np.int32), size, interpolation=cv2.INTER_NEAREST_EXACT)
+    small[find_boundaries(ns, mode="inner")] = (0, 255, 255)
+    small[find_boundaries(cs, mode="inner")] = (255, 255, 255)
+    return small
+
+
+def load_sample() -> np.ndarray:
+    """The real HPA sample field (website JPEGs) as HxWx4 uint8."""
+    from service.imaging import decode_channel, stack_channels
+
+    channels = {}
+    for c in ("red", "green", "blue", "yellow"):
+        data = (SAMPLE / f"89_B5_1_{c}.jpg").read_bytes()
+        try:
+            channels[c] = decode_channel(data, field=c)
+        except ValueError:  # decoder refuses JPEG colour noise: the channel is the max over colour
+            channels[c] = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).max(axis=2)
+    return stack_channels(channels)
+
+
+def write_overlays(folder: Path, options: dict, seed: int) -> None:
+    """Write segmentation_real.png (the HPA sample) and segmentation_sim.png (one field)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    seg = make_segmenter("classical", **options)
+    if SAMPLE.is_dir():
+        image = load_sample()
+        cells, nuclei = seg.segment(image)
+        cv2.imwrite(str(folder / "segmentation_real.png"), overlay(image, cells, nuclei)[:, :, ::-1])
+        areas = np.bincount(cells.ravel())[1:]
+        print(f"real sample {image.shape[:2]}: {cells.max()} cells, areas {areas.min()}-{areas.max()} px")
+    else:
+        print(f"real sample folder {SAMPLE} absent; segmentation_real.png not written")
+    _, it = fields(1, 2048, seed)
+    image, true_cells, _ = next(it)
+    cells, nuclei = seg.segment(image)
+    cv2.imwrite(str(folder / "segmentation_sim.png"), overlay(image, cells, nuclei)[:, :, ::-1])
+    print(f"sim field {image.shape[:2]}: {cells.max()} cells predicted, {int(true_cells.max())} true")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n512", type=int, default=20, help="fields at 512x512")
+    p.add_argument("--n2048", type=int, default=5, help="fields at 2048x2048")
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--overlays", type=Path, default=None, help="folder to write the overlay PNGs into")
+    p.add_argument("--option", action="append", default=[], help="classical option KEY=VALUE (repeatable)")
+    args = p.parse_args(argv)
+    cv2.setNumThreads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key] = eval(value, {}, {})  # noqa: S307 - a developer's own command line
+    print(f"scores: {scorer()[0]}; options: {options or 'defaults'}")
+    if args.n512:
+        run(args.n512, 512, args.seed, options)
+    if args.n2048:
+        run(args.n2048, 2048, args.seed, options)
+    if args.overlays is not None:
+        write_overlays(args.overlays, options, args.seed)
+
+
+if __name__ == "__main__":
+    main()
