@@ -1,0 +1,172 @@
+"""A tiny end-to-end run: HPA-sim -> train -> export -> a model folder the service accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.classes import CLASS_NAMES
+from service.manifest import load_manifest
+from training.config import TrainConfig, load_config
+from training.thresholds import average_precision, best_f1_threshold, tune_thresholds
+
+SIZE = 32
+
+
+# ---------------------------------------------------------------------------------------------- no TensorFlow needed
+
+
+def test_config_json_and_overrides(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"train_dirs": ["a"], "input_size": 64, "crop": {"padding": 0.2}}))
+    cfg = load_config(path, {"epochs": 3, "crop.mask_other_cells": False, "seed": None})
+    assert (cfg.epochs, cfg.input_size, cfg.seed) == (3, 64, 0)
+    rule = cfg.crop_rule()
+    assert (rule.size, rule.padding, rule.mask_other_cells) == (64, 0.2, False)
+    assert TrainConfig.model_validate(cfg.model_dump()) == cfg
+    with pytest.raises(ValueError):
+        load_config(None, {"architecture": "b9"})
+    with pytest.raises(ValueError):
+        load_config(None, {"bogus": 1})
+
+
+def test_repo_configs_validate():
+    for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json")):
+        load_config(path)
+
+
+def test_locus_train_parser_overrides(tmp_path):
+    from service.cli import build_parser
+    from training.train import config_from_args
+
+    argv = ["train", "--config", str(Path(__file__).resolve().parents[2] / "configs" / "sim_b0.json"),
+            "--out", str(tmp_path), "--epochs", "2", "--train-dir", "x", "--train-dir", "y", "--no-grad"]
+    cfg = config_from_args(build_parser(argv).parse_args(argv))
+    assert cfg.epochs == 2 and cfg.train_dirs == ["x", "y"] and cfg.out == str(tmp_path) and not cfg.with_grad
+
+
+def test_locus_train_without_tensorflow_prints_install_hint(monkeypatch, capsys):
+    import importlib
+
+    from service import cli
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "training.train":
+            raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(cli.importlib, "import_module", fake)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--config", "x.json"])
+    assert exc.value.code == 2
+    assert "pip install -e '.[train]'" in capsys.readouterr().err
+
+
+def test_thresholds_and_ap():
+    y = np.array([1, 1, 0, 0, 1, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.1])
+    thr, f1 = best_f1_threshold(y, p)
+    assert 0.2 < thr <= 0.6 and f1 == pytest.approx(6 / 7)
+    assert best_f1_threshold(np.zeros(4), np.ones(4)) == (0.5, 0.0)
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    yt = rng.integers(0, 2, 200)
+    ps = np.round(rng.uniform(size=200), 2)  # ties included
+    assert average_precision(yt, ps) == pytest.approx(sk.average_precision_score(yt, ps))
+    assert average_precision(np.zeros(5), ps[:5]) is None
+    t = tune_thresholds(np.c_[y, np.zeros(6)], np.c_[p, p])
+    assert t[1] == 0.5 and len(t) == 2
+
+
+# ---------------------------------------------------------------------------------------------- TensorFlow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    from training.sim.generator import SimConfig, write_dataset
+    from training.train import train
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = root / "sim"
+    write_dataset(data, n=6, seed=11, config=SimConfig(size=256), workers=1, progress=False)
+    config = TrainConfig(
+        train_dirs=[str(data)], input_size=SIZE, epochs=1, batch_size=16, max_steps_per_epoch=3,
+        label_source="cell", out=str(root / "run"), name="tiny", version="0.0.1", with_grad=False,
+        workers=1, verbose=0,
+    )
+    return config, train(config, progress=False)
+
+
+@pytest.mark.train
+def test_train_writes_run_folder(trained):
+    config, result = trained
+    run = Path(config.out)
+    for name in ("config.json", "best.keras", "history.csv", "thresholds.json", "summary.json", "parity_batch.npy"):
+        assert (run / name).is_file(), name
+    for png in ("label_distribution", "labels_per_image", "cooccurrence", "history", "per_class_ap"):
+        assert (run / "plots" / f"{png}.png").stat().st_size > 1000
+    assert len(result.thresholds) == 19 and all(0 <= t <= 1 for t in result.thresholds)
+    s = result.summary
+    assert s["data"]["train_fields"] + s["data"]["val_fields"] == 6 and s["data"]["synthetic"]
+    assert s["train_samples_per_s"] > 0 and "val_loss" in result.history
+
+
+@pytest.mark.train
+def test_model_folder_validates_and_serves(trained):
+    import onnxruntime as ort
+
+    from service.inference import Classifier
+
+    config, result = trained
+    folder = result.model_dir
+    m = load_manifest(folder)
+    assert m.name == "tiny" and m.input_size == SIZE and m.architecture == "efficientnet-b0"
+    assert m.crop.rule() == config.crop_rule()
+    assert m.class_names == list(CLASS_NAMES) and m.thresholds == pytest.approx(result.thresholds)
+    assert m.config == json.loads(json.dumps(config.model_dump()))
+    assert m.training["onnx_parity"]["max_abs_diff"] <= 1e-4
+    assert m.grad is None and set(m.files) == {"model.onnx"}
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "Must not be used for" in card and "HPA-sim" in card
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+    assert [o.name for o in sess.get_outputs()] == ["probabilities"]
+    parity = np.load(Path(config.out) / "parity_batch.npy").astype(np.float32)
+    keras_p = np.asarray(result.model(parity, training=False))
+    for n in (1, 5, len(parity)):
+        p = sess.run(["probabilities"], {"image": parity[:n]})[0]
+        assert p.shape == (n, 19) and p.dtype == np.float32
+        assert np.abs(p - keras_p[:n]).max() <= 1e-4
+    clf = Classifier(folder)  # the service's own loader
+    assert clf.crop_rule == config.crop_rule()
+
+
+@pytest.mark.train
+def test_locus_export_cli(trained, tmp_path):
+    from service.cli import main
+
+    config, _ = trained
+    out = tmp_path / "exported"
+    code = main(["export", "--checkpoint", str(Path(config.out) / "best.keras"), "--out", str(out),
+                 "--name", "again", "--version", "9", "--no-grad"])
+    assert code == 0
+    m = load_manifest(out)
+    assert (m.name, m.version, m.input_size) == ("again", "9", SIZE)
+    assert m.training["onnx_parity"]["n"] > 0
+
+
+@pytest.mark.train
+def test_parity_failure_raises_with_numbers(trained, tmp_path):
+    from training.export import ExportError, onnx_parity
+
+    config, result = trained
+    batch = np.load(Path(config.out) / "parity_batch.npy").astype(np.float32)[:4]
+    with pytest.raises(ExportError, match="max abs diff"):
+        onnx_parity(result.model, result.model_dir / "model.onnx", batch, tolerance=-1.0)
