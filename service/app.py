@@ -21,7 +21,7 @@ from service.api import classify, meta, observability
 from service.errors import install_error_handlers
 from service.logs import configure_logging
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from service.settings import Settings
 from service.state import load_state
 
@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(meta.router)
     app.include_router(classify.router)
     app.include_router(observability.router)
+    app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestIdMiddleware)
+    observability.instrument(app)
     return app

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -78,6 +79,9 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
             i += 1
             continue
         marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             i += 2
             continue
@@ -93,33 +97,116 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _tiff_dimensions(data: bytes) -> tuple[int, int] | None:
+@dataclass(frozen=True)
+class TiffInfo:
+    """What the first image file directory (IFD) of a TIFF says, read without decoding pixels.
+
+    Attributes
+    ----------
+    height, width : int or None
+        ImageLength and ImageWidth.
+    samples : int
+        SamplesPerPixel (1 when absent).
+    extra_samples : int
+        Number of ExtraSamples (alpha and other non-colour samples).
+    extra_kind : int
+        The first ExtraSamples value: 0 unspecified data, 1 associated alpha, 2 unassociated alpha.
+    bits : int or None
+        BitsPerSample of the first sample.
+    sample_format : int
+        SampleFormat: 1 unsigned integer (default), 2 signed integer, 3 floating point.
+    pages : int
+        1, or 2 when a further IFD follows (a multi-page file).
+    """
+
+    height: int | None
+    width: int | None
+    samples: int = 1
+    extra_samples: int = 0
+    extra_kind: int = 0
+    bits: int | None = None
+    sample_format: int = 1
+    pages: int = 1
+
+
+_TIFF_TYPE_SIZE = {1: 1, 3: 2, 4: 4, 16: 8}
+
+
+def _tiff_info(data: bytes) -> TiffInfo | None:
+    """Parse the first IFD of a classic TIFF; None when it cannot be read."""
     if len(data) < 8 or data[:4] not in (b"II*\x00", b"MM\x00*"):
         return None
     endian = "<" if data[:2] == b"II" else ">"
     (offset,) = struct.unpack(endian + "I", data[4:8])
-    if offset + 2 > len(data):
+    if offset < 8 or offset + 2 > len(data):
         return None
     (count,) = struct.unpack(endian + "H", data[offset : offset + 2])
-    width = height = None
+    tags: dict[int, tuple[int, int, int]] = {}  # tag -> (type, count, first value)
     for k in range(count):
         entry = offset + 2 + 12 * k
         if entry + 12 > len(data):
-            break
-        tag, typ = struct.unpack(endian + "HH", data[entry : entry + 4])
-        if typ == 3:
-            value = struct.unpack(endian + "H", data[entry + 8 : entry + 10])[0]
-        elif typ == 4:
-            value = struct.unpack(endian + "I", data[entry + 8 : entry + 12])[0]
-        else:
+            return None
+        tag, typ, n = struct.unpack(endian + "HHI", data[entry : entry + 8])
+        size = _TIFF_TYPE_SIZE.get(typ)
+        if size is None or n == 0:
             continue
-        if tag == 256:
-            width = value
-        elif tag == 257:
-            height = value
-    if width is None or height is None:
+        where = entry + 8
+        if size * n > 4:  # the values live elsewhere in the file
+            (where,) = struct.unpack(endian + "I", data[entry + 8 : entry + 12])
+            if where + size > len(data):
+                continue
+        fmt = {1: "B", 3: "H", 4: "I", 16: "Q"}[typ]
+        (value,) = struct.unpack(endian + fmt, data[where : where + size])
+        tags[tag] = (typ, n, int(value))
+    next_at = offset + 2 + 12 * count
+    pages = 1
+    if next_at + 4 <= len(data) and struct.unpack(endian + "I", data[next_at : next_at + 4])[0] != 0:
+        pages = 2
+    return TiffInfo(
+        height=tags[257][2] if 257 in tags else None,
+        width=tags[256][2] if 256 in tags else None,
+        samples=tags[277][2] if 277 in tags else 1,
+        extra_samples=tags[338][1] if 338 in tags else 0,
+        extra_kind=tags[338][2] if 338 in tags else 0,
+        bits=tags[258][2] if 258 in tags else None,
+        sample_format=tags[339][2] if 339 in tags else 1,
+        pages=pages,
+    )
+
+
+def _tiff_dimensions(data: bytes) -> tuple[int, int] | None:
+    info = _tiff_info(data)
+    if info is None or info.width is None or info.height is None:
         return None
-    return int(height), int(width)
+    return info.height, info.width
+
+
+def _check_tiff(data: bytes, name: str, field: str | None) -> None:
+    """Refuse, from the header, TIFFs that OpenCV would decode only in part or not as one channel."""
+    info = _tiff_info(data)
+    if info is None:
+        return
+    if info.pages > 1:
+        raise ImageError(
+            f"{name}: a multi-page TIFF; only its first page would be read. Send one single-page image per channel",
+            field=field,
+            code="multi_page",
+        )
+    colour = info.samples - info.extra_samples
+    if colour not in (1, 3) or info.extra_samples > 1 or (info.extra_samples == 1 and info.extra_kind not in (1, 2)):
+        raise ImageError(
+            f"{name}: a TIFF with {info.samples} samples per pixel; send a single-channel image "
+            "(or an HPA website tinted RGB image)",
+            field=field,
+            code="not_a_channel",
+        )
+    if info.sample_format != 1 or (info.bits is not None and info.bits > 16):
+        kind = {2: "signed integer", 3: "floating point"}.get(info.sample_format, "unsigned integer")
+        raise ImageError(
+            f"{name}: {info.bits}-bit {kind} pixels are not supported; send 8- or 16-bit unsigned integer images",
+            field=field,
+            code="unsupported_depth",
+        )
 
 
 def read_dimensions(data: bytes) -> tuple[str, tuple[int, int] | None]:
@@ -215,6 +302,13 @@ def decode_channel(
     if not data:
         raise ImageError(f"{name}: the file is empty; upload the channel image itself", field=field, code="empty_file")
     fmt, shape = read_dimensions(data)
+    if fmt == "unknown" and data[:4] in (b"II+\x00", b"MM\x00+"):
+        raise ImageError(
+            f"{name}: BigTIFF files are not supported; save the channel as a classic TIFF, PNG or JPEG",
+            field=field,
+            code="unsupported_format",
+            status=415,
+        )
     if fmt == "unknown":
         raise ImageError(
             f"{name}: not a PNG, TIFF or JPEG file (unrecognised header); send the channel as PNG, TIFF or JPEG",
@@ -232,6 +326,15 @@ def decode_channel(
         )
     if shape is not None and (shape[0] == 0 or shape[1] == 0):
         raise ImageError(f"{name}: the header declares a zero-sized image", field=field, code="corrupt_image")
+    if shape is None:
+        # Without a readable size the pixel limit cannot be checked before decoding: refuse.
+        raise ImageError(
+            f"{name}: the {fmt.upper()} header is truncated or corrupt (no image size found)",
+            field=field,
+            code="corrupt_image",
+        )
+    if fmt == "tiff":
+        _check_tiff(data, name, field)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)

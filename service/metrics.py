@@ -31,6 +31,13 @@ class Metrics:
         )
         self.rejections = Counter("locus_rejections_total", "Requests refused, by reason", ["reason"], registry=r)
         self.in_flight = Gauge("locus_requests_in_flight", "Classify requests admitted and not finished", registry=r)
+        self.queued = Gauge("locus_requests_queued", "Classify requests admitted and waiting for a worker", registry=r)
+        self.capacity = Gauge(
+            "locus_admission_capacity", "Most classify requests admitted at once (running + queued)", registry=r
+        )
+        self.errors = Counter(
+            "locus_errors_total", "Error answers (4xx/5xx) by status and error code", ["status", "code"], registry=r
+        )
         self.labels = Counter("locus_labels_called_total", "Labels called per class", ["class_name"], registry=r)
 
     def observe_field(self, body: dict) -> None:
@@ -49,6 +56,26 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         """Count one refused request."""
         self.rejections.labels(reason=reason).inc()
+
+    def error(self, status: int, code: str) -> None:
+        """Count one error answer."""
+        self.errors.labels(status=str(status), code=code).inc()
+
+    def admission(self, in_flight: int, running: int, capacity: int) -> None:
+        """Set the admission gauges from the admission control's counters.
+
+        Parameters
+        ----------
+        in_flight : int
+            Requests admitted and not finished.
+        running : int
+            Requests classified at once (the rest of those in flight wait).
+        capacity : int
+            Most requests admitted at once.
+        """
+        self.in_flight.set(in_flight)
+        self.queued.set(max(0, in_flight - running))
+        self.capacity.set(capacity)
 
     def batch_size(self, n: int) -> None:
         """Record one model batch."""

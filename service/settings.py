@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(0, ge=0, description="Requests classified at once; 0 = number of cores")
     max_queue: int = Field(8, ge=0, description="Requests waiting beyond max_concurrent before 503")
     request_timeout_s: float = Field(300.0, gt=0, description="Per-request time limit for classification")
+    body_timeout_s: float = Field(
+        120.0, gt=0, description="Longest time to receive a request body (slow uploads get 408)"
+    )
 
     # Security and operations
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API keys (bearer)")
