@@ -98,21 +98,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return "; ".join(parts) or "invalid request", field, code
 
 
-def _complete_openapi(schema: dict) -> dict:
+def _complete_openapi(schema: dict, auth: bool) -> dict:
     """Declare in an OpenAPI schema every error status the service can answer, all with ``ErrorResponse``.
 
     FastAPI declares its own ``HTTPValidationError`` body for 422, but the service
     answers 422 with :class:`ErrorResponse`; and middleware answers (401 for a missing
-    key, 400/408/413 while reading a body, 500 on a crash) are invisible to it.
+    key, 400/408/413 while reading a body, 500 on a crash) are invisible to it. When
+    no API keys are configured, the bearer scheme and 401 are taken out: the schema
+    says what this instance does.
     """
     ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    if not auth:
+        schema.get("components", {}).pop("securitySchemes", None)
     for ops in schema.get("paths", {}).values():
         for op in ops.values():
             if not isinstance(op, dict) or "responses" not in op:
                 continue
             responses = op["responses"]
             wanted = [500]
-            if op.get("security"):
+            if not auth:
+                op.pop("security", None)
+                responses.pop("401", None)
+            elif op.get("security"):
                 wanted.append(401)
             if "requestBody" in op:
                 wanted += [400, 408, 413]
@@ -136,7 +143,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = _complete_openapi(default_openapi())
+            app.openapi_schema = _complete_openapi(default_openapi(), bool(getattr(app.state, "api_keys", None)))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
