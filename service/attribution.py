@@ -211,6 +211,7 @@ def integrated_gradients(
     *,
     pair_group: int = 16,
     max_steps: int = MAX_STEPS,
+    tolerance: float | None = None,
     input_names: Sequence[str] = ("image", "weights"),
     output_names: Sequence[str] = ("gradients", "probabilities"),
 ) -> list[list[AttributionMap]]:
@@ -235,7 +236,11 @@ def integrated_gradients(
         (cell, class) pairs integrated together; bounds memory to ``pair_group`` (S, S, 4)
         float64 accumulators plus one (B, S, S, 4) batch.
     max_steps : int
-        Upper limit on ``steps``.
+        Upper limit on ``steps`` (and on the refinement below).
+    tolerance : float, optional
+        When set, pairs whose relative completeness error exceeds it are recomputed with twice
+        the steps, repeatedly, while the step count stays within ``max_steps``; each map reports
+        the steps it finally used.
     input_names, output_names : sequence of str
         Names of the gradient model's inputs (image, weights) and outputs (gradients, probabilities).
 
@@ -268,58 +273,99 @@ def integrated_gradients(
     base_name = "custom" if isinstance(baseline, np.ndarray) else str(baseline)
     base = make_baseline(inputs, baseline)
     diff = inputs - base
-
-    alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float64)
-    quad = np.full(steps + 1, 1.0 / steps)
-    quad[0] = quad[-1] = 0.5 / steps
-
+    run = _Runner(session, batch_size, size, input_names, output_names, pair_group)
+    maps = run.pairs(base, diff, pairs, steps, base_name)
+    if tolerance is not None:
+        current = steps
+        while current * 2 <= max_steps:
+            todo = [j for j, m in enumerate(maps) if m.completeness_rel > tolerance]
+            if not todo:
+                break
+            current *= 2
+            for j, m in zip(todo, run.pairs(base, diff, [pairs[j] for j in todo], current, base_name), strict=True):
+                maps[j] = m
     results: list[list[AttributionMap]] = [[] for _ in range(n)]
-    image_buf = np.zeros((batch_size, size, size, 4), np.float32)
-    weight_buf = np.zeros((batch_size, NUM_CLASSES), np.float32)
-    per_pair = steps + 1
-    for g0 in range(0, len(pairs), pair_group):
-        group = pairs[g0 : g0 + pair_group]
-        acc = np.zeros((len(group), size, size, 4), np.float64)
-        f_end = np.zeros((len(group), 2), np.float64)  # p_c(baseline), p_c(x)
-        total = len(group) * per_pair
-        for r0 in range(0, total, batch_size):
-            rows = np.arange(r0, min(r0 + batch_size, total))
-            j_idx, k_idx = np.divmod(rows, per_pair)
-            weight_buf[:] = 0.0
-            for r, (j, k) in enumerate(zip(j_idx, k_idx, strict=True)):
-                cell, cls = group[j]
-                image_buf[r] = base[cell] + np.float32(alphas[k]) * diff[cell]
-                weight_buf[r, cls] = 1.0
-            if len(rows) < batch_size:  # pad the last batch; padded rows have zero weight
-                image_buf[len(rows) :] = 0.0
-            grads, probs = session.run(list(output_names), {input_names[0]: image_buf, input_names[1]: weight_buf})
-            for r, (j, k) in enumerate(zip(j_idx, k_idx, strict=True)):
-                acc[j] += quad[k] * grads[r]
-                if k == 0:
-                    f_end[j, 0] = probs[r, group[j][1]]
-                elif k == steps:
-                    f_end[j, 1] = probs[r, group[j][1]]
-        for j, (cell, cls) in enumerate(group):
-            attr = acc[j] * diff[cell]
-            totals = attr.sum(axis=(0, 1))
-            delta = f_end[j, 1] - f_end[j, 0]
-            err = abs(float(totals.sum()) - delta)
-            results[cell].append(
-                AttributionMap(
-                    cell_index=cell,
-                    class_id=cls,
-                    attribution=attr.sum(axis=2).astype(np.float32),
-                    channel_totals=totals,
-                    f_input=float(f_end[j, 1]),
-                    f_baseline=float(f_end[j, 0]),
-                    completeness_abs=err,
-                    completeness_rel=err / max(abs(delta), COMPLETENESS_EPS),
-                    steps=steps,
-                    baseline=base_name,
-                )
-            )
-        del acc
+    for m in maps:
+        results[m.cell_index].append(m)
     return results
+
+
+class _Runner:
+    """Evaluates the trapezoid IG of (cell, class) pairs through the fixed-batch gradient model."""
+
+    def __init__(
+        self,
+        session: Any,
+        batch_size: int,
+        size: int,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        pair_group: int,
+    ) -> None:
+        self.session = session
+        self.batch_size = batch_size
+        self.size = size
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self.pair_group = pair_group
+
+    def pairs(
+        self, base: np.ndarray, diff: np.ndarray, pairs: list[tuple[int, int]], steps: int, base_name: str
+    ) -> list[AttributionMap]:
+        """IG maps of ``pairs`` (cell index, class id), in order."""
+        bsz, size = self.batch_size, self.size
+        alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float64)
+        quad = np.full(steps + 1, 1.0 / steps)
+        quad[0] = quad[-1] = 0.5 / steps
+        image_buf = np.zeros((bsz, size, size, 4), np.float32)
+        weight_buf = np.zeros((bsz, NUM_CLASSES), np.float32)
+        per_pair = steps + 1
+        out: list[AttributionMap] = []
+        for g0 in range(0, len(pairs), self.pair_group):
+            group = pairs[g0 : g0 + self.pair_group]
+            acc = np.zeros((len(group), size, size, 4), np.float64)
+            f_end = np.zeros((len(group), 2), np.float64)  # p_c(baseline), p_c(x)
+            total = len(group) * per_pair
+            for r0 in range(0, total, bsz):
+                rows = np.arange(r0, min(r0 + bsz, total))
+                j_idx, k_idx = np.divmod(rows, per_pair)
+                weight_buf[:] = 0.0
+                for r, (j, k) in enumerate(zip(j_idx, k_idx, strict=True)):
+                    cell, cls = group[j]
+                    image_buf[r] = base[cell] + np.float32(alphas[k]) * diff[cell]
+                    weight_buf[r, cls] = 1.0
+                if len(rows) < bsz:  # pad the last batch; padded rows have zero weight
+                    image_buf[len(rows) :] = 0.0
+                grads, probs = self.session.run(
+                    self.output_names, {self.input_names[0]: image_buf, self.input_names[1]: weight_buf}
+                )
+                for r, (j, k) in enumerate(zip(j_idx, k_idx, strict=True)):
+                    acc[j] += quad[k] * grads[r]
+                    if k == 0:
+                        f_end[j, 0] = probs[r, group[j][1]]
+                    elif k == steps:
+                        f_end[j, 1] = probs[r, group[j][1]]
+            for j, (cell, cls) in enumerate(group):
+                attr = acc[j] * diff[cell]
+                totals = attr.sum(axis=(0, 1))
+                delta = f_end[j, 1] - f_end[j, 0]
+                err = abs(float(totals.sum()) - delta)
+                out.append(
+                    AttributionMap(
+                        cell_index=cell,
+                        class_id=cls,
+                        attribution=attr.sum(axis=2).astype(np.float32),
+                        channel_totals=totals,
+                        f_input=float(f_end[j, 1]),
+                        f_baseline=float(f_end[j, 0]),
+                        completeness_abs=err,
+                        completeness_rel=err / max(abs(delta), COMPLETENESS_EPS),
+                        steps=steps,
+                        baseline=base_name,
+                    )
+                )
+            del acc
+        return out
 
 
 def encode_map(arr: np.ndarray) -> dict[str, Any]:

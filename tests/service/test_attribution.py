@@ -131,6 +131,18 @@ def test_linear_model_matches_closed_form(linear, baseline):
             assert m.total == pytest.approx(m.f_input - m.f_baseline, abs=1e-4)
 
 
+def test_tolerance_refines_steps(linear):
+    sess, _ = linear
+    x = _cells(3, 16, seed=8)
+    coarse = integrated_gradients(sess, 8, x, [[0], [1], [2]], steps=1)
+    fine = integrated_gradients(sess, 8, x, [[0], [1], [2]], steps=1, tolerance=1e-3, max_steps=256)
+    for c, f in zip(coarse, fine, strict=True):
+        assert c[0].steps == 1
+        assert f[0].completeness_rel <= max(1e-3, c[0].completeness_rel)
+        assert f[0].steps == 1 or c[0].completeness_rel > 1e-3
+        assert f[0].completeness_rel <= 1e-3 or f[0].steps == 256
+
+
 def test_argument_checks(linear):
     sess, _ = linear
     x = _cells(2, 16)
