@@ -401,8 +401,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(model_dir: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Run ``locus serve`` on a free loopback port; yields (base URL, process)."""
+def serve(model_dir: Path, log_path: Path | None = None, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``locus serve`` on a free loopback port; yields (base URL, process). Logs go to ``log_path``."""
     port = _free_port()
     environment = {
         **os.environ,
@@ -412,11 +412,9 @@ def serve(model_dir: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]
         "LOCUS_LOG_LEVEL": "warning",
         **env,
     }
+    sink = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "service.cli", "serve"], env=environment, stdout=sink, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -433,6 +431,8 @@ def serve(model_dir: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=30)
+        if log_path is not None:
+            sink.close()
 
 
 @pytest.fixture(scope="module")
