@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from service.imaging import to_unit255
+from service.imaging import UINT16_TO_255
 
 __all__ = ["CropRule", "cell_boxes", "crop_cell", "crop_cells", "square_window"]
 
@@ -139,16 +139,20 @@ def crop_cell(
     wr0, wc0, wr1, wc1 = square_window(box, rule)
     side = wr1 - wr0
     channels = image.shape[2]
-    window = np.zeros((side, side, channels), dtype=image.dtype)
+    # Build the window directly in float32 (0-255 by the rule of service.imaging.to_unit255).
+    window = np.zeros((side, side, channels), dtype=np.float32)
     sr0, sc0, sr1, sc1 = max(wr0, 0), max(wc0, 0), min(wr1, h), min(wc1, w)
     if sr1 > sr0 and sc1 > sc0:
-        patch = image[sr0:sr1, sc0:sc1]
+        dst = window[sr0 - wr0 : sr1 - wr0, sc0 - wc0 : sc1 - wc0]
+        dst[...] = image[sr0:sr1, sc0:sc1]
+        scale = UINT16_TO_255 if image.dtype == np.uint16 else np.float32(1.0)
         if rule.mask_other_cells:
+            # One pass: other cells' pixels times 0, the rest times the value scale (exact either way).
             lab = labels[sr0:sr1, sc0:sc1]
-            other = (lab != 0) & (lab != cell_id)
-            patch = np.where(other[:, :, None], 0, patch).astype(image.dtype, copy=False)
-        window[sr0 - wr0 : sr1 - wr0, sc0 - wc0 : sc1 - wc0] = patch
-    window = to_unit255(window)
+            factor = np.where((lab == 0) | (lab == cell_id), scale, np.float32(0.0)).astype(np.float32)
+            dst *= factor[:, :, None]
+        elif scale != 1.0:
+            dst *= scale
     if side != rule.size:
         interp = cv2.INTER_AREA if side > rule.size else cv2.INTER_LINEAR
         window = cv2.resize(window, (rule.size, rule.size), interpolation=interp)

@@ -39,6 +39,10 @@ __all__ = [
 _TINT_COHERENCE = 0.96
 
 
+UINT16_TO_255 = np.float32(1.0 / 257.0)
+"""The factor that brings uint16 values to 0-255 (65535 -> 255)."""
+
+
 class ImageError(ValueError):
     """A channel image that cannot be used, with a message that says why and how to fix it.
 
@@ -436,7 +440,7 @@ def to_unit255(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image.astype(np.float32)
     if image.dtype == np.uint16:
-        return image.astype(np.float32) * np.float32(1.0 / 257.0)
+        return image.astype(np.float32) * UINT16_TO_255
     return image.astype(np.float32, copy=False)
 
 
