@@ -90,6 +90,8 @@ def _build_segmenter(settings: Settings) -> tuple[Segmenter, str]:
             "nuclei_model": settings.hpa_nuclei_model,
             "cell_model": settings.hpa_cell_model,
             "providers": settings.providers,
+            "intra_op_threads": settings.resolved_threads(),
+            "require_gpu": settings.require_gpu,
         }
     try:
         seg = make_segmenter(settings.segmenter, **options)
