@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.deps import check_authorization
+
 __all__ = ["RequestIdMiddleware", "BodyLimitMiddleware", "ApiKeyMiddleware", "OPEN_PATHS"]
 
 log = logging.getLogger("locus.middleware")
@@ -251,8 +253,6 @@ class ApiKeyMiddleware:
         if scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers:
             await self.app(scope, receive, send)
             return
-        from service.api.deps import check_authorization
-
         problem = check_authorization(headers.get(b"authorization", b"").decode("latin-1"), self.keys)
         if problem is None:
             await self.app(scope, receive, send)
