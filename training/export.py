@@ -215,12 +215,16 @@ def write_model_card(folder: str | Path, manifest: Manifest) -> Path:
         f"- Epochs run: {tr.get('epochs_run', 'n/a')}, batch {cfg.get('batch_size', 'n/a')}, "
         f"learning rate {cfg.get('learning_rate', 'n/a')} ({cfg.get('schedule', 'n/a')}), "
         f"training time {_fmt(tr.get('seconds'), 0)} s",
+    ]
+    lines += [f"- {note}" for note in tr.get("notes", [])]
+    lines += [
         "",
         "## How well it does",
         "",
         f"- Validation cells, mean of per-class AP (cell classification, not the competition metric): "
         f"{_fmt(metrics.get('val_cell_map'))}",
-        f"- Validation PR-AUC (Keras, multi-label): {_fmt(metrics.get('val_pr_auc'))}",
+        f"- Validation PR-AUC (Keras, multi-label; averages all 19 classes, counting those without validation "
+        f"positives): {_fmt(metrics.get('val_pr_auc'))}",
     ]
     if metrics.get("heldout_map") is not None:
         lines.append(
@@ -231,10 +235,13 @@ def write_model_card(folder: str | Path, manifest: Manifest) -> Path:
     else:
         lines.append("- Competition mAP on held-out fields: not measured for this export")
     ap = metrics.get("val_ap")
+    held = metrics.get("heldout_ap")
     if ap:
-        lines += ["", "| id | class | val AP | threshold |", "|---:|---|---:|---:|"]
+        head = "| id | class | val cell AP | threshold |" + (" held-out AP |" if held else "")
+        lines += ["", head, "|---:|---|---:|---:|" + ("---:|" if held else "")]
         for i, name in enumerate(CLASS_NAMES):
-            lines.append(f"| {i} | {name} | {_fmt(ap[i])} | {manifest.thresholds[i]:.3f} |")
+            row = f"| {i} | {name} | {_fmt(ap[i])} | {manifest.thresholds[i]:.3f} |"
+            lines.append(row + (f" {_fmt(held[i])} |" if held else ""))
     lines += [
         "",
         "For reference, the published single-cell results on real HPA data: mAP 0.301 (B0) and 0.355 (B7) for the "

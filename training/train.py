@@ -92,8 +92,7 @@ def _throughput_callback(samples_per_epoch: int):
     class Throughput(keras.callbacks.Callback):
         def __init__(self) -> None:
             super().__init__()
-            self.samples = 0
-            self.seconds = 0.0
+            self.epoch_seconds: list[float] = []
             self._t = 0.0
             self._val = 0.0
             self._tv = 0.0
@@ -109,8 +108,12 @@ def _throughput_callback(samples_per_epoch: int):
             self._val += time.perf_counter() - self._tv
 
         def on_epoch_end(self, epoch, logs=None):
-            self.samples += samples_per_epoch
-            self.seconds += time.perf_counter() - self._t - self._val
+            self.epoch_seconds.append(time.perf_counter() - self._t - self._val)
+
+        def rate(self) -> float | None:
+            """Samples/s over the epochs after the first (which includes graph tracing), else the first."""
+            secs = self.epoch_seconds[1:] or self.epoch_seconds
+            return samples_per_epoch * len(secs) / sum(secs) if secs and sum(secs) > 0 else None
 
     return Throughput()
 
@@ -227,7 +230,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         "best_epoch": best_epoch + 1,
         "seconds": round(time.time() - t0, 1),
         "seconds_fit": round(t_fit, 1),
-        "train_samples_per_s": round(throughput.samples / throughput.seconds, 2) if throughput.seconds else None,
+        "train_samples_per_s": None if throughput.rate() is None else round(throughput.rate(), 2),
+        "epoch_seconds": [round(x, 1) for x in throughput.epoch_seconds],
         "metrics": {
             "val_loss": history["val_loss"][best_epoch] if history.get("val_loss") else None,
             "val_pr_auc": history["val_pr_auc"][best_epoch] if history.get("val_pr_auc") else None,
