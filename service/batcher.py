@@ -144,10 +144,14 @@ class DynamicBatcher:
             batch = np.concatenate([job.inputs[s : s + n] for job, s, n in picked], axis=0)
             try:
                 out = self._run(batch)
-            except Exception as exc:  # hand the model's error to every caller in the batch
-                for job, _, _ in picked:
+            except Exception as exc:
+                if len({id(job) for job, _, _ in picked}) == 1:
+                    job = picked[0][0]
                     if not job.future.done():
                         job.future.set_exception(exc)
+                    continue
+                # A shared batch failed: run each caller's rows alone, so one bad input fails only its own request.
+                self._run_separately(picked)
                 continue
             self.stats.batches += 1
             self.stats.items += batch.shape[0]
@@ -162,6 +166,22 @@ class DynamicBatcher:
                 row += n
                 if sum(r.shape[0] for r in job.done_rows) == job.inputs.shape[0] and not job.future.done():
                     job.future.set_result(np.concatenate(job.done_rows, axis=0))
+
+    def _run_separately(self, picked: list[tuple[_Job, int, int]]) -> None:
+        for job, s, n in picked:
+            if job.future.done():
+                continue
+            try:
+                out = self._run(job.inputs[s : s + n])
+            except Exception as exc:
+                job.future.set_exception(exc)
+                continue
+            self.stats.batches += 1
+            self.stats.items += n
+            self.stats.sizes.append(n)
+            job.done_rows.append(out)
+            if sum(r.shape[0] for r in job.done_rows) == job.inputs.shape[0]:
+                job.future.set_result(np.concatenate(job.done_rows, axis=0))
 
     def _pending_rows(self) -> int:
         return sum(job.inputs.shape[0] - job.offset - job.taken for job in self._queue)

@@ -16,6 +16,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
 
 
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """A uvicorn server that marks the app not ready the moment a shutdown signal arrives."""
+
+        def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001 - signal handler signature
+            state = getattr(self.config.app.state, "locus", None)
+            if state is not None:
+                state.ready = False
+                state.draining = True
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
+
+
 def run(args: argparse.Namespace) -> int:
     """Start uvicorn on the app; returns when the server stops (SIGINT/SIGTERM drain gracefully)."""
     import uvicorn
@@ -44,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         access_log=True,
     )
-    server = uvicorn.Server(config)
+    server = _draining_server_class()(config)
     server.run()
     return 0 if server.started else 1

@@ -62,3 +62,24 @@ def test_model_error_reaches_the_caller_and_batcher_keeps_working():
     fail.clear()
     assert batcher(np.zeros((3, 4), np.float32), timeout=5).shape == (3, 19)
     batcher.close()
+
+
+def test_a_bad_input_in_a_shared_batch_fails_only_its_own_request():
+    def run(batch):
+        if np.isnan(batch).any():
+            raise RuntimeError("NaN input")
+        time.sleep(0.02)
+        return np.ones((batch.shape[0], 19), np.float32)
+
+    batcher = DynamicBatcher(run, max_batch=64, max_wait_s=0.05)
+    good = [np.zeros((3, 4), np.float32) for _ in range(4)]
+    bad = np.full((2, 4), np.nan, np.float32)
+    futures = [batcher.submit(x) for x in (good[0], good[1], bad, good[2], good[3])]
+    results = []
+    for f in futures:
+        try:
+            results.append(f.result(timeout=10).shape)
+        except RuntimeError as exc:
+            results.append(str(exc))
+    batcher.close()
+    assert results == [(3, 19), (3, 19), "NaN input", (3, 19), (3, 19)]

@@ -94,7 +94,7 @@ def test_classify_over_real_http(server):
 
 def test_health_answers_while_a_request_classifies(server):
     url, _ = server
-    big = _field(1024)
+    big = _field(2048)
     result = {}
 
     def slow() -> None:
@@ -102,7 +102,7 @@ def test_health_answers_while_a_request_classifies(server):
 
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.3)
+    time.sleep(0.05)
     latencies = []
     while t.is_alive():
         t0 = time.perf_counter()
