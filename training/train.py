@@ -192,6 +192,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         epochs=config.epochs,
         steps_per_epoch=steps if config.max_steps_per_epoch else None,
         callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles every epoch itself
         verbose=config.verbose if progress else 0,
     )
     t_fit = time.time() - t1
@@ -344,7 +345,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     m = result.summary["metrics"]
     print(f"trained {result.summary['epochs_run']} epochs in {result.summary['seconds_fit']} s "
-          f"({result.summary['train_samples_per_s']} samples/s); val loss {m['val_loss']:.4f}, "
+          f"({result.summary['train_samples_per_s']} samples/s"
+          f"{', incl. graph tracing' if result.summary['epochs_run'] == 1 else ''}); val loss {m['val_loss']:.4f}, "
           f"val PR-AUC {m['val_pr_auc']:.4f}, val cell mAP "
           f"{'n/a' if m['val_cell_map'] is None else format(m['val_cell_map'], '.4f')}")
     print(f"run folder: {result.run_dir}" + (f"; model folder: {result.model_dir}" if result.model_dir else ""))
