@@ -76,6 +76,9 @@ def create_session(
         The file cannot be loaded, or ``require_gpu`` is set and no GPU provider was obtained.
     """
     available = set(ort.get_available_providers())
+    if not _gpu_present():
+        # onnxruntime-gpu lists CUDA even on hosts without a GPU and then logs an error when it fails to load it.
+        available -= {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
     chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -96,7 +99,7 @@ def create_session(
         )
         if require_gpu:
             raise ModelFolderError(msg)
-        if "CUDAExecutionProvider" in available or _gpu_present():
+        if _gpu_present():
             log.error(msg)
         else:
             log.info("no GPU on this host: %s runs on the CPU provider", Path(path).name)
@@ -104,7 +107,7 @@ def create_session(
 
 
 def _gpu_present() -> bool:
-    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia").exists()
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/dxg"))
 
 
 class Classifier:

@@ -119,6 +119,8 @@ def read_submission(path: str | os.PathLike) -> dict[str, SubmissionRow]:
     """
     out: dict[str, SubmissionRow] = {}
     with open(path, encoding="utf-8", newline="") as fh:
+        # One field's PredictionString (19 classes x every cell x its mask) exceeds csv's default 128 KiB field limit.
+        csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != list(HEADER):
