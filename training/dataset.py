@@ -121,8 +121,9 @@ def labels_to_matrix(label_lists: list[list[int]] | list[tuple[int, ...]]) -> np
     return out
 
 
-def field_crops(image: np.ndarray, cell_labels: np.ndarray, rule: CropRule,
-                cell_ids: list[int] | None = None) -> tuple[list[int], np.ndarray]:
+def field_crops(
+    image: np.ndarray, cell_labels: np.ndarray, rule: CropRule, cell_ids: list[int] | None = None
+) -> tuple[list[int], np.ndarray]:
     """Crop the cells of one field for training, exactly as the service does.
 
     Parameters
@@ -153,7 +154,17 @@ def _segment(name: str, image: np.ndarray) -> np.ndarray:
     from service.segmentation import make_segmenter
 
     if name not in _SEGMENTERS:
-        _SEGMENTERS[name] = make_segmenter(name)
+        options: dict = {}
+        if name == "hpa":  # the same LOCUS_HPA_* settings the service reads
+            from service.settings import Settings
+
+            settings = Settings()
+            options = {
+                "nuclei_model": settings.hpa_nuclei_model,
+                "cell_model": settings.hpa_cell_model,
+                "providers": settings.providers,
+            }
+        _SEGMENTERS[name] = make_segmenter(name, **options)
     cells, _ = _SEGMENTERS[name].segment(image)
     return cells
 
