@@ -175,6 +175,40 @@ def _to_cache_dtype(batch: np.ndarray, dtype: str) -> np.ndarray:
     return batch.astype(np.float32, copy=False)
 
 
+def _labels_by_match(
+    cells: np.ndarray, truth: np.ndarray, truth_labels: dict[int, tuple[int, ...]], min_iou: float = 0.5
+) -> dict[int, tuple[int, ...]]:
+    """Labels for segmented cells from the truth cells they overlap with IoU >= ``min_iou``.
+
+    Parameters
+    ----------
+    cells, truth : numpy.ndarray
+        (H, W) segmented and true cell label images.
+    truth_labels : dict
+        True cell id -> class ids.
+    min_iou : float
+        Smallest IoU of a match (above 0.5 a match is unique).
+
+    Returns
+    -------
+    dict
+        Segmented cell id -> class ids, for matched cells only.
+    """
+    seg = cells.astype(np.int64, copy=False).ravel()
+    tru = truth.astype(np.int64, copy=False).ravel()
+    both = (seg > 0) & (tru > 0)
+    pairs, inter = np.unique(seg[both] * (int(tru.max()) + 1) + tru[both], return_counts=True)
+    seg_area = np.bincount(seg)
+    tru_area = np.bincount(tru)
+    out: dict[int, tuple[int, ...]] = {}
+    for code, n in zip(pairs, inter, strict=True):
+        s_id, t_id = divmod(int(code), int(tru.max()) + 1)
+        iou = n / (seg_area[s_id] + tru_area[t_id] - n)
+        if iou >= min_iou and t_id in truth_labels:
+            out[s_id] = tuple(truth_labels[t_id])
+    return out
+
+
 def _crop_field(task: FieldTask) -> tuple[str, list[int], np.ndarray, np.ndarray, str]:
     """Worker: crop one field and label its cells. Returns (id, cell ids, crops, labels, mask source)."""
     from service.imaging import load_field
@@ -189,18 +223,28 @@ def _crop_field(task: FieldTask) -> tuple[str, list[int], np.ndarray, np.ndarray
             source = "truth"
         except FileNotFoundError:
             cells = None
+    cell_table = task.cell_labels
     if cells is None:
         cells = _segment(task.segmenter, image)
+        if task.label_source == "cell" and task.cell_labels:
+            # Train on the crops the service will make: segmented cells take the labels of the truth cell
+            # they match (IoU >= 0.5); unmatched segments are left out.
+            try:
+                truth = load_truth(task.root, task.id, cell_labels={}).cells
+                cell_table = _labels_by_match(cells, truth, task.cell_labels)
+                source = "segmenter+truth"
+            except FileNotFoundError:
+                pass
     cells = cells.astype(np.int32, copy=False)
     counts = np.bincount(cells.ravel())
     ids = [int(i) for i in np.nonzero(counts)[0] if i != 0 and counts[i] >= max(task.min_area, 1)]
     # labels per cell
     per_cell: list[tuple[int, ...]] = []
     keep: list[int] = []
-    use_cell = task.label_source == "cell" and source == "truth" and task.cell_labels
+    use_cell = task.label_source == "cell" and source in ("truth", "segmenter+truth") and cell_table
     for cid in ids:
         if use_cell:
-            lab = task.cell_labels.get(cid)
+            lab = cell_table.get(cid)
             if lab is None:
                 continue  # a cell without a row in cells.csv has no known label
         else:

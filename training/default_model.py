@@ -64,7 +64,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="cell: per-cell HPA-sim truth (default); image: weak labels as with Kaggle data")
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--workers", type=int, default=2, help="processes for data generation and crops")
-    parser.add_argument("--segmenter", default="classical", help="segmenter of the held-out evaluation")
+    parser.add_argument("--segmenter", default="classical",
+                        help="segmenter of the training crops (with --masks segmenter) and of the held-out evaluation")
+    parser.add_argument("--masks", choices=["segmenter", "truth"], default="segmenter",
+                        help="training crops from the segmenter's cells, labelled by the truth cell each matches "
+                             "(what the service sees; default), or from the truth masks")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
     parser.add_argument("--name", default="locus-sim-b0")
     parser.add_argument("--version", default="0.1.0")
@@ -201,6 +205,8 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     config = TrainConfig(
         train_dirs=[str(train_dir)],
         label_source=args.label_source,
+        use_truth_masks=args.masks == "truth",
+        segmenter=args.segmenter,
         architecture="b0",
         input_size=args.input_size,
         batch_size=args.batch_size,
