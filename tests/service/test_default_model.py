@@ -1,0 +1,165 @@
+"""The shipped default model, served as a user would meet it: valid folder, sensible calls, attributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.attribution import decode_map
+from service.classes import CHANNELS, NEGATIVE
+from service.manifest import load_manifest
+from service.settings import DEFAULT_MODEL_DIR, Settings
+from tests.conftest import png_bytes
+from training.sim.generator import SimConfig, generate_field
+
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "manifest.json").is_file(), reason=f"default model not present at {DEFAULT_MODEL_DIR}"
+)
+
+
+@pytest.fixture(scope="module")
+def client():
+    settings = Settings(providers=["CPUExecutionProvider"], log_json=False)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def fields():
+    # held-out seed: the default model never saw these fields
+    return [generate_field(i, 424242, SimConfig(size=512)) for i in range(3)]
+
+
+def _files(image: np.ndarray) -> dict:
+    return {c: (f"{c}.png", png_bytes(image[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+
+
+def _match(pred_labels: np.ndarray, true_labels: np.ndarray, cell_id: int) -> int | None:
+    """The true cell that a predicted cell overlaps with IoU >= 0.6, if any."""
+    m = pred_labels == cell_id
+    ids, counts = np.unique(true_labels[m], return_counts=True)
+    best = None
+    for t, inter in zip(ids, counts, strict=True):
+        if t == 0:
+            continue
+        union = m.sum() + (true_labels == t).sum() - inter
+        if inter / union >= 0.6:
+            best = int(t)
+    return best
+
+
+def test_default_model_folder_is_valid_and_ships_a_gradient_model():
+    manifest = load_manifest(DEFAULT_MODEL_DIR)
+    assert manifest.grad is not None
+    assert (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text().lower().count("synthetic") >= 1
+    assert "heldout" in str(manifest.training).lower() or "held_out" in str(manifest.training).lower()
+
+
+def test_calls_match_the_truth_on_held_out_hpa_sim_fields(client, fields):
+    from pycocotools import mask as mask_utils
+
+    hits = total = 0
+    for f in fields:
+        body = client.post("/classify", files=_files(f.image), params={"include_scores": "true"}).json()
+        pred = np.zeros(f.cells.shape, np.int32)
+        for cell in body["cells"]:
+            m = mask_utils.decode({"size": cell["mask"]["size"], "counts": cell["mask"]["counts"].encode()})
+            pred[m.astype(bool)] = cell["id"]
+        for cell in body["cells"]:
+            t = _match(pred, f.cells, cell["id"])
+            if t is None:
+                continue
+            total += 1
+            top = int(np.argmax(cell["scores"]))
+            hits += top in f.cell_labels[t]
+    assert total >= 40, "segmentation matched too few cells"
+    # the most confident class of a cell is one of its true classes for most cells
+    assert hits / total >= 0.7, f"top-1 correct on {hits}/{total} cells"
+
+
+def test_attributions_decode_to_the_cell_box_and_converge(client, fields):
+    f = fields[0]
+    r = client.post("/classify", files=_files(f.image), params={"attributions": "true", "include_masks": "false"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    errors = []
+    for cell in body["cells"]:
+        assert len(cell["attributions"]) == len(cell["labels"])
+        b = cell["bbox"]
+        for a in cell["attributions"]:
+            arr = decode_map(a["map"])
+            assert arr.shape == (b["row1"] - b["row0"], b["col1"] - b["col0"])
+            assert a["class_id"] in {lab["class_id"] for lab in cell["labels"]}
+            errors.append(a["completeness_error"])
+    assert errors
+    assert float(np.median(errors)) < 0.05
+    assert "attribute" in body["timings_ms"]
+
+
+def test_nucleoli_attribution_lights_up_the_nucleus(client):
+    """A biologist's check: for a nucleoli call, the positive attribution sits in the nucleus."""
+    inside = []
+    for i in range(60):
+        f = generate_field(i, 777, SimConfig(size=512))
+        targets = [c for c, labs in f.cell_labels.items() if 2 in labs]
+        if not targets:
+            continue
+        body = client.post(
+            "/classify",
+            files=_files(f.image),
+            params={"attributions": "true", "attribution_classes": "2", "include_masks": "false"},
+        ).json()
+        for cell in body["cells"]:
+            b = cell["bbox"]
+            box_true = f.cells[b["row0"] : b["row1"], b["col0"] : b["col1"]]
+            ids, counts = np.unique(box_true[box_true > 0], return_counts=True)
+            if not len(ids) or int(ids[np.argmax(counts)]) not in targets:
+                continue
+            tid = int(ids[np.argmax(counts)])
+            arr = decode_map(cell["attributions"][0]["map"])
+            pos = np.clip(arr, 0, None)
+            nucleus = f.nuclei[b["row0"] : b["row1"], b["col0"] : b["col1"]] == tid
+            if pos.sum() > 0:
+                inside.append(pos[nucleus].sum() / pos.sum())
+        if len(inside) >= 4:
+            break
+    assert len(inside) >= 2, "no nucleoli cells found"
+    assert float(np.mean(inside)) > 0.5, f"positive attribution inside the nucleus: {inside}"
+
+
+def test_a_request_without_attributions_pays_nothing(tmp_path):
+    settings = Settings(providers=["CPUExecutionProvider"], log_json=False)
+    with TestClient(create_app(settings)) as c:
+        f = generate_field(0, 5, SimConfig(size=384))
+        body = c.post("/classify", files=_files(f.image)).json()
+        state = c.app.state.locus
+        assert state.classifier._grad_session is None, "the gradient model was loaded without being asked for"
+        assert "attribute" not in body["timings_ms"]
+        assert all("attributions" not in cell for cell in body["cells"])
+
+
+def test_negative_cells_are_called_negative(client):
+    hits = total = 0
+    for i in range(8):
+        f = generate_field(i, 31337, SimConfig(size=512))
+        if not any(labs == [NEGATIVE] for labs in f.cell_labels.values()):
+            continue
+        body = client.post("/classify", files=_files(f.image), params={"include_scores": "true"}).json()
+        from pycocotools import mask as mask_utils
+
+        pred = np.zeros(f.cells.shape, np.int32)
+        for cell in body["cells"]:
+            pred[
+                mask_utils.decode({"size": cell["mask"]["size"], "counts": cell["mask"]["counts"].encode()}).astype(
+                    bool
+                )
+            ] = cell["id"]
+        for cell in body["cells"]:
+            t = _match(pred, f.cells, cell["id"])
+            if t is not None and f.cell_labels[t] == [NEGATIVE]:
+                total += 1
+                hits += int(np.argmax(cell["scores"])) == NEGATIVE
+    assert total >= 3
+    assert hits / total >= 0.6, f"negative called on {hits}/{total} negative cells"
