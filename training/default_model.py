@@ -31,11 +31,11 @@ __all__ = ["configure_parser", "run", "build_default_model", "evaluate_heldout",
 DEFAULTS: dict[str, Any] = {
     "out": "models/locus-sim-b0",
     "work": "runs/default-model",
-    "fields": 240,
+    "fields": 300,
     "heldout_fields": 40,
     "size": 512,
-    "input_size": 64,
-    "epochs": 14,
+    "input_size": 96,
+    "epochs": 16,
     "batch_size": 32,
     "learning_rate": 2e-3,
     "seed": 2021,
@@ -60,15 +60,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=d["epochs"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"])
     parser.add_argument("--lr", type=float, default=d["learning_rate"], dest="learning_rate")
-    parser.add_argument("--label-source", choices=["cell", "image"], default="cell",
-                        help="cell: per-cell HPA-sim truth (default); image: weak labels as with Kaggle data")
+    parser.add_argument(
+        "--label-source",
+        choices=["cell", "image"],
+        default="cell",
+        help="cell: per-cell HPA-sim truth (default); image: weak labels as with Kaggle data",
+    )
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--workers", type=int, default=2, help="processes for data generation and crops")
-    parser.add_argument("--segmenter", default="classical",
-                        help="segmenter of the training crops (with --masks segmenter) and of the held-out evaluation")
-    parser.add_argument("--masks", choices=["segmenter", "truth"], default="segmenter",
-                        help="training crops from the segmenter's cells, labelled by the truth cell each matches "
-                             "(what the service sees; default), or from the truth masks")
+    parser.add_argument(
+        "--segmenter",
+        default="classical",
+        help="segmenter of the training crops (with --masks segmenter) and of the held-out evaluation",
+    )
+    parser.add_argument(
+        "--masks",
+        choices=["segmenter", "truth"],
+        default="segmenter",
+        help="training crops from the segmenter's cells, labelled by the truth cell each matches "
+        "(what the service sees; default), or from the truth masks",
+    )
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
     parser.add_argument("--name", default="locus-sim-b0")
     parser.add_argument("--version", default="0.1.0")
@@ -85,12 +96,18 @@ def _simulate(folder: Path, n: int, seed: int, size: int, start: int, workers: i
         return folder
     if folder.exists():
         shutil.rmtree(folder)
-    return write_dataset(folder, n=n, seed=seed, config=SimConfig(size=size), workers=workers, progress=progress,
-                         start=start)
+    return write_dataset(
+        folder, n=n, seed=seed, config=SimConfig(size=size), workers=workers, progress=progress, start=start
+    )
 
 
-def evaluate_heldout(model_dir: str | Path, heldout_dir: str | Path, work: str | Path,
-                     segmenter: str = "classical", progress: bool = True) -> dict[str, Any]:
+def evaluate_heldout(
+    model_dir: str | Path,
+    heldout_dir: str | Path,
+    work: str | Path,
+    segmenter: str = "classical",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Score a model folder on held-out fields through the service's pipeline.
 
     Runs ``locus predict`` (``service.cli.main``) to write a submission CSV, then
@@ -126,8 +143,17 @@ def evaluate_heldout(model_dir: str | Path, heldout_dir: str | Path, work: str |
     work.mkdir(parents=True, exist_ok=True)
     csv = work / "heldout_predictions.csv"
     t = time.time()
-    argv = ["predict", str(heldout_dir), "--out", str(csv), "--model", str(model_dir), "--segmenter", segmenter,
-            "--no-resume"]
+    argv = [
+        "predict",
+        str(heldout_dir),
+        "--out",
+        str(csv),
+        "--model",
+        str(model_dir),
+        "--segmenter",
+        segmenter,
+        "--no-resume",
+    ]
     if not progress:
         argv.append("--quiet")
     code = locus(argv)
@@ -197,10 +223,19 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    train_dir = _simulate(work / "sim-train", args.fields, args.seed, args.size, 0, args.workers, args.keep_data,
-                          progress)
-    heldout_dir = _simulate(work / "sim-heldout", args.heldout_fields, args.seed + 1, args.size, 100_000,
-                            args.workers, args.keep_data, progress)
+    train_dir = _simulate(
+        work / "sim-train", args.fields, args.seed, args.size, 0, args.workers, args.keep_data, progress
+    )
+    heldout_dir = _simulate(
+        work / "sim-heldout",
+        args.heldout_fields,
+        args.seed + 1,
+        args.size,
+        100_000,
+        args.workers,
+        args.keep_data,
+        progress,
+    )
     t_sim = time.time() - t0
     config = TrainConfig(
         train_dirs=[str(train_dir)],
