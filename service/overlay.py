@@ -242,7 +242,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--field", nargs=2, metavar=("DIR", "ID"), help="read DIR/ID_{red,green,blue,yellow}.{png,tif,jpg}"
     )
-    parser.add_argument("--model", required=True, help="model folder (models/NAME) with model.onnx and manifest.json")
+    from service.settings import DEFAULT_MODEL_DIR
+
+    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR),
+                        help=f"model folder with model.onnx and manifest.json (default {DEFAULT_MODEL_DIR})")
     parser.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     parser.add_argument("--attributions", action="store_true", help="blend integrated-gradient heatmaps (grad.onnx)")
     parser.add_argument("--segmenter", default="classical", help="segmentation backend (default classical)")
