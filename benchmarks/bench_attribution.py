@@ -139,8 +139,10 @@ def main() -> None:
     sess = ort.InferenceSession(grad, opts, providers=["CPUExecutionProvider"])
     shape = sess.get_inputs()[0].shape
     batch, size = int(shape[0]), int(shape[1])
-    print(f"grad model {grad}: batch {batch}, input {size}, provider {sess.get_providers()[0]}, "
-          f"{args.threads} threads, tensorflow imported: {'tensorflow' in sys.modules}")
+    print(
+        f"grad model {grad}: batch {batch}, input {size}, provider {sess.get_providers()[0]}, "
+        f"{args.threads} threads, tensorflow imported: {'tensorflow' in sys.modules}"
+    )
     cells, source = sample_cells(args.cells, size)
     print(f"cells: {source}; request = {args.cells} cells x 1 class; baseline {args.baseline}")
 
@@ -183,14 +185,20 @@ def main() -> None:
         rows.append((steps, t_cell, t_req, len(cells) * (steps + 1) / t_req, rel, ab, peak / 2**20, rss_mib()))
     ref_steps = max(args.steps)
     print()
-    print(f"{'steps':>5} {'s/cell':>7} {'s/request':>9} {'eval/s':>7} {'compl. rel median':>17} {'p90':>9} "
-          f"{'max':>9} {'abs max':>9} {'corr to ' + str(ref_steps):>11} {'tracemalloc':>11} {'peak RSS':>9}")
+    print(
+        f"{'steps':>5} {'s/cell':>7} {'s/request':>9} {'eval/s':>7} {'compl. rel median':>17} {'p90':>9} "
+        f"{'max':>9} {'abs max':>9} {'corr to ' + str(ref_steps):>11} {'tracemalloc':>11} {'peak RSS':>9}"
+    )
     for steps, t_cell, t_req, eps, rel, ab, peak, rss in rows:
-        corr = min(float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
-                   for a, b in zip(maps_by_steps[steps], maps_by_steps[ref_steps], strict=True))
-        print(f"{steps:>5} {t_cell:>7.2f} {t_req:>9.2f} {eps:>7.0f} {np.median(rel):>17.2e} "
-              f"{np.percentile(rel, 90):>9.2e} {rel.max():>9.2e} {ab.max():>9.2e} {corr:>11.6f} "
-              f"{peak:>9.1f}Mi {rss:>7.0f}Mi")
+        corr = min(
+            float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+            for a, b in zip(maps_by_steps[steps], maps_by_steps[ref_steps], strict=True)
+        )
+        print(
+            f"{steps:>5} {t_cell:>7.2f} {t_req:>9.2f} {eps:>7.0f} {np.median(rel):>17.2e} "
+            f"{np.percentile(rel, 90):>9.2e} {rel.max():>9.2e} {ab.max():>9.2e} {corr:>11.6f} "
+            f"{peak:>9.1f}Mi {rss:>7.0f}Mi"
+        )
     print("\ncompleteness: per-cell relative errors at each step count")
     for steps, _t_cell, _t_req, _eps, rel, *_ in rows:
         print(f"  {steps:>4}: " + " ".join(f"{e:.1e}" for e in rel))

@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.export import convert_to_onnx
     from training.model import build_model
 
-    model = keras.models.load_model(args.checkpoint, compile=False) if args.checkpoint else build_model(
-        "b0", args.input_size)
+    model = (
+        keras.models.load_model(args.checkpoint, compile=False)
+        if args.checkpoint
+        else build_model("b0", args.input_size)
+    )
     size = int(model.input_shape[1])
     tmp = None
     onnx_path = args.onnx
@@ -77,11 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    print(f"EfficientNet {model.name}, input {size}x{size}x4, {model.count_params() / 1e6:.2f}M parameters; "
-          f"ONNX Runtime {ort.__version__} {sess.get_providers()[0]} ({args.threads} threads), "
-          f"Keras {keras.__version__}; {os.cpu_count()} CPU cores; median of {args.repeats}")
-    head = (f"{'batch':>5} | {'ORT ms/batch':>12} {'ms/cell':>8} | {'predict ms/batch':>16} {'ms/cell':>8} "
-            f"{'x ORT':>6} | {'call ms/batch':>13} {'ms/cell':>8} {'x ORT':>6} | {'max|diff|':>9}")
+    print(
+        f"EfficientNet {model.name}, input {size}x{size}x4, {model.count_params() / 1e6:.2f}M parameters; "
+        f"ONNX Runtime {ort.__version__} {sess.get_providers()[0]} ({args.threads} threads), "
+        f"Keras {keras.__version__}; {os.cpu_count()} CPU cores; median of {args.repeats}"
+    )
+    head = (
+        f"{'batch':>5} | {'ORT ms/batch':>12} {'ms/cell':>8} | {'predict ms/batch':>16} {'ms/cell':>8} "
+        f"{'x ORT':>6} | {'call ms/batch':>13} {'ms/cell':>8} {'x ORT':>6} | {'max|diff|':>9}"
+    )
     print(head)
     print("-" * len(head))
     for b in args.batches:
@@ -90,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         t_pred = _time(lambda x=x, b=b: model.predict(x, batch_size=b, verbose=0), args.repeats)
         t_call = _time(lambda x=x: model(x, training=False), args.repeats)
         diff = float(np.abs(sess.run(["probabilities"], {"image": x})[0] - np.asarray(model(x, training=False))).max())
-        print(f"{b:>5} | {t_ort * 1e3:>12.1f} {t_ort * 1e3 / b:>8.2f} | {t_pred * 1e3:>16.1f} {t_pred * 1e3 / b:>8.2f} "
-              f"{t_pred / t_ort:>6.1f} | {t_call * 1e3:>13.1f} {t_call * 1e3 / b:>8.2f} {t_call / t_ort:>6.1f} | "
-              f"{diff:>9.1e}")
+        print(
+            f"{b:>5} | {t_ort * 1e3:>12.1f} {t_ort * 1e3 / b:>8.2f} | {t_pred * 1e3:>16.1f} {t_pred * 1e3 / b:>8.2f} "
+            f"{t_pred / t_ort:>6.1f} | {t_call * 1e3:>13.1f} {t_call * 1e3 / b:>8.2f} {t_call / t_ort:>6.1f} | "
+            f"{diff:>9.1e}"
+        )
     if tmp is not None:
         tmp.cleanup()
     return 0

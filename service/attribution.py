@@ -145,8 +145,9 @@ class AttributionMap:
             "f_input": float(self.f_input),
             "f_baseline": float(self.f_baseline),
             "total": self.total,
-            "channel_totals": {c: float(v) for c, v in zip(("red", "green", "blue", "yellow"), self.channel_totals,
-                                                              strict=True)},
+            "channel_totals": {
+                c: float(v) for c, v in zip(("red", "green", "blue", "yellow"), self.channel_totals, strict=True)
+            },
             "completeness_abs": float(self.completeness_abs),
             "completeness_rel": float(self.completeness_rel),
             "steps": int(self.steps),

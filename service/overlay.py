@@ -244,8 +244,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     from service.settings import DEFAULT_MODEL_DIR
 
-    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR),
-                        help=f"model folder with model.onnx and manifest.json (default {DEFAULT_MODEL_DIR})")
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL_DIR),
+        help=f"model folder with model.onnx and manifest.json (default {DEFAULT_MODEL_DIR})",
+    )
     parser.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     parser.add_argument("--attributions", action="store_true", help="blend integrated-gradient heatmaps (grad.onnx)")
     parser.add_argument("--segmenter", default="classical", help="segmentation backend (default classical)")
@@ -335,12 +338,18 @@ def run(args: argparse.Namespace) -> int:
         boxes = cell_boxes(cell_labels)
         chosen = list(range(min(len(ids), max(0, args.max_cells))))
         # the cell's most probable predicted label (its top class when none passes the threshold)
-        targets = [[max(labels[i], key=lambda k, i=i: probs[i][k]) if labels[i] else int(np.argmax(probs[i]))]
-                   for i in chosen]
+        targets = [
+            [max(labels[i], key=lambda k, i=i: probs[i][k]) if labels[i] else int(np.argmax(probs[i]))] for i in chosen
+        ]
         steps = args.steps or DEFAULT_STEPS
         maps = integrated_gradients(
-            _session(folder / manifest.grad.file), manifest.grad.batch, batch[chosen], targets, steps=steps,
-            baseline=args.baseline, max_steps=max(steps, 2),
+            _session(folder / manifest.grad.file),
+            manifest.grad.batch,
+            batch[chosen],
+            targets,
+            steps=steps,
+            baseline=args.baseline,
+            max_steps=max(steps, 2),
         )
         attributions = {}
         worst = 0.0

@@ -30,13 +30,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser : argparse.ArgumentParser
         The subcommand's parser.
     """
-    parser.add_argument("--truth", required=True, metavar="DIR",
-                        help="dataset folder with truth/ ({ID}_cells.png, cells.csv), or the truth folder")
-    parser.add_argument("--predictions", required=True, metavar="CSV",
-                        help="submission CSV: ID,ImageWidth,ImageHeight,PredictionString")
+    parser.add_argument(
+        "--truth",
+        required=True,
+        metavar="DIR",
+        help="dataset folder with truth/ ({ID}_cells.png, cells.csv), or the truth folder",
+    )
+    parser.add_argument(
+        "--predictions", required=True, metavar="CSV", help="submission CSV: ID,ImageWidth,ImageHeight,PredictionString"
+    )
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the result as JSON here")
-    parser.add_argument("--iou", type=float, default=IOU_THRESHOLD,
-                        help=f"IoU threshold of a match (default {IOU_THRESHOLD}, the competition's)")
+    parser.add_argument(
+        "--iou",
+        type=float,
+        default=IOU_THRESHOLD,
+        help=f"IoU threshold of a match (default {IOU_THRESHOLD}, the competition's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

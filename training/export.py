@@ -250,7 +250,9 @@ def write_model_card(folder: str | Path, manifest: Manifest) -> Path:
         "## Intended use",
         "",
         "- Exercising and testing Locus end to end (service, API, attributions, evaluation) and as a template for "
-        "training a real model." if sim else "- Research on subcellular protein localisation in HPA-style images.",
+        "training a real model."
+        if sim
+        else "- Research on subcellular protein localisation in HPA-style images.",
         "- Ranking cells by class confidence; thresholds in the manifest were tuned for F1 on validation cells.",
         "",
         "## Must not be used for",
@@ -262,10 +264,10 @@ def write_model_card(folder: str | Path, manifest: Manifest) -> Path:
         "",
         "## How to train a real one",
         "",
-        "1. Download the Kaggle \"HPA Single-Cell Image Classification\" data (train.csv + 4 PNGs per field) and, "
+        '1. Download the Kaggle "HPA Single-Cell Image Classification" data (train.csv + 4 PNGs per field) and, '
         "optionally, a local 3-channel EfficientNet ImageNet weights file (`include_top=False`).",
-        "2. Write a config (see `configs/hpa_b0.json`): `train_dirs` the Kaggle folder, `label_source: \"image\"` "
-        "(weak labels), `segmenter: \"hpa\"` so crops match the test masks, `architecture` b0-b7, `input_size` "
+        '2. Write a config (see `configs/hpa_b0.json`): `train_dirs` the Kaggle folder, `label_source: "image"` '
+        '(weak labels), `segmenter: "hpa"` so crops match the test masks, `architecture` b0-b7, `input_size` '
         "128-512, `imagenet_weights` the local file (the yellow channel starts from blue).",
         "3. `locus train --config cfg.json --out runs/hpa` (a GPU host with the `[train-gpu]` extra), then "
         "`locus export --checkpoint runs/hpa/best.keras --out models/hpa-b0`.",
@@ -381,8 +383,9 @@ def export_model_folder(
         architecture=f"efficientnet-{cfg.architecture}",
         input_size=size,
         channels=list(CHANNELS),
-        crop=CropSpec(size=rule.size, padding=rule.padding, mask_other_cells=rule.mask_other_cells,
-                      min_side=rule.min_side),
+        crop=CropSpec(
+            size=rule.size, padding=rule.padding, mask_other_cells=rule.mask_other_cells, min_side=rule.min_side
+        ),
         class_names=list(CLASS_NAMES),
         thresholds=[float(t) for t in (thresholds if thresholds is not None else [0.5] * NUM_CLASSES)],
         files=files,
@@ -429,8 +432,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--checkpoint", required=True, help="trained Keras model (.keras), e.g. runs/x/best.keras")
     parser.add_argument("--out", required=True, help="model folder to write, e.g. models/my-model")
-    parser.add_argument("--config", default=None,
-                        help="training config JSON (default: config.json next to the checkpoint)")
+    parser.add_argument(
+        "--config", default=None, help="training config JSON (default: config.json next to the checkpoint)"
+    )
     parser.add_argument("--name", default=None, help="model name in the manifest (default: the config's)")
     parser.add_argument("--version", default=None, help="model version (default: the config's)")
     parser.add_argument("--no-grad", action="store_true", help="do not export grad.onnx")
@@ -482,13 +486,23 @@ def run(args: argparse.Namespace) -> int:
         parity = np.random.default_rng(0).uniform(0, 255, (8, size, size, 4)).astype(np.float32)
     try:
         manifest = export_model_folder(
-            model, args.out, config, thresholds, summary, parity, with_grad=not args.no_grad,
-            name=args.name, version=args.version, grad_batch=args.grad_batch,
+            model,
+            args.out,
+            config,
+            thresholds,
+            summary,
+            parity,
+            with_grad=not args.no_grad,
+            name=args.name,
+            version=args.version,
+            grad_batch=args.grad_batch,
         )
     except ExportError as exc:
         sys.stderr.write(f"locus export: {exc}\n")
         return 1
     par = manifest.training.get("onnx_parity", {})
-    print(f"exported {manifest.name} {manifest.version} to {args.out} (files: {', '.join(manifest.files)}; "
-          f"ONNX vs Keras max abs diff {par.get('max_abs_diff', float('nan')):.2g})")
+    print(
+        f"exported {manifest.name} {manifest.version} to {args.out} (files: {', '.join(manifest.files)}; "
+        f"ONNX vs Keras max abs diff {par.get('max_abs_diff', float('nan')):.2g})"
+    )
     return 0

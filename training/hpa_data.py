@@ -223,8 +223,10 @@ def find_fields(
         for c in CHANNELS:
             options = sorted(chans[c], key=_preference)
             if len(options) > 1:
-                warnings.warn(f"{ident}: {c} channel in several files {[p.name for p in options]}; "
-                              f"using {options[0].name}", stacklevel=2)
+                warnings.warn(
+                    f"{ident}: {c} channel in several files {[p.name for p in options]}; using {options[0].name}",
+                    stacklevel=2,
+                )
             paths[c] = str(options[0])
         field_labels = None
         if labels is not None:
@@ -242,8 +244,9 @@ def find_fields(
             warnings.warn(f"{len(unlabelled)} field(s) have no row in {labels_csv}: {unlabelled[:10]}", stacklevel=2)
         absent = sorted(set(labels) - set(found))
         if absent:
-            warnings.warn(f"{len(absent)} ID(s) of {labels_csv} have no image files in {folder}: {absent[:10]}",
-                          stacklevel=2)
+            warnings.warn(
+                f"{len(absent)} ID(s) of {labels_csv} have no image files in {folder}: {absent[:10]}", stacklevel=2
+            )
     return refs
 
 
@@ -361,9 +364,7 @@ def _read_label_image(path: Path) -> np.ndarray:
     return img.astype(np.uint16, copy=False)
 
 
-def load_truth(
-    root: str | os.PathLike, id: str, *, cell_labels: dict[int, list[int]] | None = None
-) -> Truth:
+def load_truth(root: str | os.PathLike, id: str, *, cell_labels: dict[int, list[int]] | None = None) -> Truth:
     """Load one field's ground truth.
 
     Parameters

@@ -247,14 +247,18 @@ class MetricResult:
             ap_text = "n/a" if math.isnan(ap) else f"{ap:.3f}"
             lines.append(f"{c:>2}  {CLASS_NAMES[c]:<42} {self.n_gt[c]:>7} {self.n_pred[c]:>7} {ap_text:>7}")
         n_def = sum(not math.isnan(v) for v in self.ap.values())
-        lines.append(f"{n_def} of {NUM_CLASSES} classes have ground truth (n/a: excluded from the mean); "
-                     f"{self.n_images} images; IoU >= {self.iou_threshold:g}")
+        lines.append(
+            f"{n_def} of {NUM_CLASSES} classes have ground truth (n/a: excluded from the mean); "
+            f"{self.n_images} images; IoU >= {self.iou_threshold:g}"
+        )
         if self.missing_ids:
-            lines.append(f"{len(self.missing_ids)} truth image(s) without predictions: "
-                         f"{', '.join(self.missing_ids[:10])}")
+            lines.append(
+                f"{len(self.missing_ids)} truth image(s) without predictions: {', '.join(self.missing_ids[:10])}"
+            )
         if self.extra_ids:
-            lines.append(f"{len(self.extra_ids)} predicted image(s) not in the truth (ignored): "
-                         f"{', '.join(self.extra_ids[:10])}")
+            lines.append(
+                f"{len(self.extra_ids)} predicted image(s) not in the truth (ignored): {', '.join(self.extra_ids[:10])}"
+            )
         lines.append("mAP: n/a" if math.isnan(self.mean_ap) else f"mAP: {self.mean_ap:.3f}")
         return "\n".join(lines)
 
@@ -274,8 +278,14 @@ class MetricResult:
             "iou_threshold": self.iou_threshold,
             "n_images": self.n_images,
             "classes": [
-                {"id": c, "name": CLASS_NAMES[c], "ap": num(self.ap[c]), "n_gt": self.n_gt[c],
-                 "n_pred": self.n_pred[c], "n_tp": self.n_tp[c]}
+                {
+                    "id": c,
+                    "name": CLASS_NAMES[c],
+                    "ap": num(self.ap[c]),
+                    "n_gt": self.n_gt[c],
+                    "n_pred": self.n_pred[c],
+                    "n_tp": self.n_tp[c],
+                }
                 for c in range(NUM_CLASSES)
             ],
             "missing_ids": list(self.missing_ids),
@@ -332,8 +342,9 @@ def evaluate(
     missing = [i for i in truth if i not in predictions]
     extra = [i for i in predictions if i not in truth]
     if extra:
-        warnings.warn(f"{len(extra)} predicted image(s) are not in the truth and are ignored: {extra[:5]}",
-                      stacklevel=2)
+        warnings.warn(
+            f"{len(extra)} predicted image(s) are not in the truth and are ignored: {extra[:5]}", stacklevel=2
+        )
     for image_id, cells in truth.items():
         cells = list(cells)
         gt_classes = [sorted({int(c) for c in classes}) for _, classes in cells]
@@ -347,8 +358,10 @@ def evaluate(
             continue
         size = tuple(int(v) for v in cells[0][0]["size"]) if cells else sizes.get(image_id, pred_size)
         if pred_size is not None and size is not None and tuple(size) != pred_size:
-            raise ValueError(f"{image_id}: the prediction is for a {pred_size[1]}x{pred_size[0]} image "
-                             f"but the truth is {size[1]}x{size[0]}")
+            raise ValueError(
+                f"{image_id}: the prediction is for a {pred_size[1]}x{pred_size[0]} image "
+                f"but the truth is {size[1]}x{size[0]}"
+            )
         pred_cls = np.array([int(p[0]) for p in preds], dtype=np.int64)
         if np.any((pred_cls < 0) | (pred_cls >= NUM_CLASSES)):
             raise ValueError(f"{image_id}: predicted class id outside 0-{NUM_CLASSES - 1}")
@@ -375,8 +388,17 @@ def evaluate(
         n_tp[c] = int(t.sum())
     defined = [v for v in ap.values() if not math.isnan(v)]
     mean_ap = float(np.mean(defined)) if defined else math.nan
-    return MetricResult(ap=ap, n_gt=n_gt, n_pred=n_pred, n_tp=n_tp, mean_ap=mean_ap, iou_threshold=iou_threshold,
-                        n_images=len(truth), missing_ids=missing, extra_ids=extra)
+    return MetricResult(
+        ap=ap,
+        n_gt=n_gt,
+        n_pred=n_pred,
+        n_tp=n_tp,
+        mean_ap=mean_ap,
+        iou_threshold=iou_threshold,
+        n_images=len(truth),
+        missing_ids=missing,
+        extra_ids=extra,
+    )
 
 
 def truth_from_labels(cells: np.ndarray, cell_labels: Mapping[int, Sequence[int]]) -> list[GTCell]:
@@ -400,8 +422,9 @@ def truth_from_labels(cells: np.ndarray, cell_labels: Mapping[int, Sequence[int]
     unlabelled = sorted(present - set(cell_labels))
     absent = sorted(set(cell_labels) - present)
     if unlabelled:
-        warnings.warn(f"{len(unlabelled)} cell(s) have no labels and are not GT instances: {unlabelled[:10]}",
-                      stacklevel=2)
+        warnings.warn(
+            f"{len(unlabelled)} cell(s) have no labels and are not GT instances: {unlabelled[:10]}", stacklevel=2
+        )
     if absent:
         warnings.warn(f"{len(absent)} labelled cell(s) are not in the label image: {absent[:10]}", stacklevel=2)
     ids = sorted(cell_labels)

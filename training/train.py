@@ -149,9 +149,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     t_data = time.time() - t0
     logger.info("%d crops (%d train, %d val) in %.1f s", len(crops), len(tr_idx), len(va_idx), t_data)
     if progress:
-        print(f"data: {len(crops)} cells from {crops.info.get('fields')} fields "
-              f"({len(tr_idx)} train / {len(va_idx)} val cells), {t_data:.1f} s"
-              f"{' (cache)' if crops.info.get('cache_hit') else ''}", flush=True)
+        print(
+            f"data: {len(crops)} cells from {crops.info.get('fields')} fields "
+            f"({len(tr_idx)} train / {len(va_idx)} val cells), {t_data:.1f} s"
+            f"{' (cache)' if crops.info.get('cache_hit') else ''}",
+            flush=True,
+        )
 
     keras.utils.set_random_seed(config.seed)
     model = build_model(config.architecture, config.input_size, NUM_CLASSES, config.imagenet_weights, config.dropout)
@@ -169,8 +172,9 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         metrics=[keras.metrics.AUC(curve="PR", multi_label=True, num_labels=NUM_CLASSES, name="pr_auc")],
         jit_compile=config.jit_compile,
     )
-    train_ds = make_tf_dataset(crops.images, crops.labels, tr_idx, config.batch_size, training=True,
-                               augment=config.augment, seed=config.seed)
+    train_ds = make_tf_dataset(
+        crops.images, crops.labels, tr_idx, config.batch_size, training=True, augment=config.augment, seed=config.seed
+    )
     if config.max_steps_per_epoch:
         train_ds = train_ds.repeat()
     val_ds = make_tf_dataset(crops.images, crops.labels, va_idx, config.batch_size * 2, training=False)
@@ -183,8 +187,11 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         throughput,
     ]
     if config.schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3,
-                                                           patience=max(1, config.patience // 2), min_lr=1e-6))
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.3, patience=max(1, config.patience // 2), min_lr=1e-6
+            )
+        )
     t1 = time.time()
     hist = model.fit(
         train_ds,
@@ -202,9 +209,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     x_val = crops.images[va_idx]
     y_val = crops.labels[va_idx]
     p_val = model.predict(
-        make_tf_dataset(crops.images, crops.labels, va_idx, config.batch_size * 2, training=False).map(
-            lambda x, y: x
-        ),
+        make_tf_dataset(crops.images, crops.labels, va_idx, config.batch_size * 2, training=False).map(lambda x, y: x),
         verbose=0,
     )
     thresholds = tune_thresholds(y_val, p_val)
@@ -275,8 +280,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--config", default=None, help="training config JSON (see configs/); default: the defaults")
     parser.add_argument("--out", default=None, help="run folder (checkpoints, logs, plots, model/)")
-    parser.add_argument("--train-dir", action="append", default=None, dest="train_dirs",
-                        help="dataset folder (repeatable); replaces the config's train_dirs")
+    parser.add_argument(
+        "--train-dir",
+        action="append",
+        default=None,
+        dest="train_dirs",
+        help="dataset folder (repeatable); replaces the config's train_dirs",
+    )
     parser.add_argument("--arch", default=None, dest="architecture", help="b0 .. b7")
     parser.add_argument("--input-size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
@@ -307,8 +317,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     TrainConfig
         The validated config.
     """
-    keys = ("out", "train_dirs", "architecture", "input_size", "epochs", "batch_size", "learning_rate",
-            "label_source", "max_cells_per_field", "imagenet_weights", "seed", "name", "version")
+    keys = (
+        "out",
+        "train_dirs",
+        "architecture",
+        "input_size",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "label_source",
+        "max_cells_per_field",
+        "imagenet_weights",
+        "seed",
+        "name",
+        "version",
+    )
     overrides: dict[str, Any] = {k: getattr(args, k, None) for k in keys}
     if getattr(args, "no_cache", False):
         overrides["cache"] = False
@@ -344,10 +367,12 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"locus train: {exc}\n")
         return 2
     m = result.summary["metrics"]
-    print(f"trained {result.summary['epochs_run']} epochs in {result.summary['seconds_fit']} s "
-          f"({result.summary['train_samples_per_s']} samples/s"
-          f"{', incl. graph tracing' if result.summary['epochs_run'] == 1 else ''}); val loss {m['val_loss']:.4f}, "
-          f"val PR-AUC {m['val_pr_auc']:.4f}, val cell mAP "
-          f"{'n/a' if m['val_cell_map'] is None else format(m['val_cell_map'], '.4f')}")
+    print(
+        f"trained {result.summary['epochs_run']} epochs in {result.summary['seconds_fit']} s "
+        f"({result.summary['train_samples_per_s']} samples/s"
+        f"{', incl. graph tracing' if result.summary['epochs_run'] == 1 else ''}); val loss {m['val_loss']:.4f}, "
+        f"val PR-AUC {m['val_pr_auc']:.4f}, val cell mAP "
+        f"{'n/a' if m['val_cell_map'] is None else format(m['val_cell_map'], '.4f')}"
+    )
     print(f"run folder: {result.run_dir}" + (f"; model folder: {result.model_dir}" if result.model_dir else ""))
     return 0

@@ -288,8 +288,10 @@ def test_effnet_matches_tensorflow_ig(effnet):
             corr = np.corrcoef(ref.ravel(), m.attribution.ravel())[0, 1]
             diff = float(np.abs(ref - m.attribution).max())
             worst = max(worst, diff / np.abs(ref).max())
-            print(f"cell {i} class {m.class_id}: corr {corr:.6f} max abs diff {diff:.3g} "
-                  f"completeness {m.completeness_rel:.2e}")
+            print(
+                f"cell {i} class {m.class_id}: corr {corr:.6f} max abs diff {diff:.3g} "
+                f"completeness {m.completeness_rel:.2e}"
+            )
             assert corr >= 0.99
     assert worst < 0.05
 

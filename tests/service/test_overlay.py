@@ -128,10 +128,14 @@ def _write_linear_grad(folder: Path, size: int, batch: int) -> None:
     graph = helper.make_graph(
         nodes,
         "linear_grad",
-        [helper.make_tensor_value_info("image", f, [batch, size, size, 4]),
-         helper.make_tensor_value_info("weights", f, [batch, NUM_CLASSES])],
-        [helper.make_tensor_value_info("gradients", f, [batch, size, size, 4]),
-         helper.make_tensor_value_info("probabilities", f, [batch, NUM_CLASSES])],
+        [
+            helper.make_tensor_value_info("image", f, [batch, size, size, 4]),
+            helper.make_tensor_value_info("weights", f, [batch, NUM_CLASSES]),
+        ],
+        [
+            helper.make_tensor_value_info("gradients", f, [batch, size, size, 4]),
+            helper.make_tensor_value_info("probabilities", f, [batch, NUM_CLASSES]),
+        ],
         initializer=consts,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -139,8 +143,12 @@ def _write_linear_grad(folder: Path, size: int, batch: int) -> None:
     onnx.save(model, str(folder / "grad.onnx"))
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["grad.onnx"] = sha256_file(folder / "grad.onnx")
-    manifest["grad"] = {"file": "grad.onnx", "batch": batch, "inputs": ["image", "weights"],
-                        "outputs": ["gradients", "probabilities"]}
+    manifest["grad"] = {
+        "file": "grad.onnx",
+        "batch": batch,
+        "inputs": ["image", "weights"],
+        "outputs": ["gradients", "probabilities"],
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -170,8 +178,20 @@ def _args(argv):
 
 def test_cli_overlay_with_attributions(model_with_grad, field_dir, tmp_path, capsys):
     out = tmp_path / "o.png"
-    argv = ["--field", str(field_dir), "F1", "--model", str(model_with_grad), "--out", str(out), "--attributions",
-            "--steps", "16", "--max-side", "400"]
+    argv = [
+        "--field",
+        str(field_dir),
+        "F1",
+        "--model",
+        str(model_with_grad),
+        "--out",
+        str(out),
+        "--attributions",
+        "--steps",
+        "16",
+        "--max-side",
+        "400",
+    ]
     assert run(_args(argv)) == 0
     printed = capsys.readouterr().out
     assert "attributions:" in printed
@@ -181,8 +201,12 @@ def test_cli_overlay_with_attributions(model_with_grad, field_dir, tmp_path, cap
 
 def test_cli_overlay_channel_files(model_with_grad, field_dir, tmp_path):
     out = tmp_path / "plain.png"
-    argv = [f"--{c}={field_dir / f'F1_{c}.png'}" for c in CHANNELS] + ["--model", str(model_with_grad), "--out",
-                                                                      str(out)]
+    argv = [f"--{c}={field_dir / f'F1_{c}.png'}" for c in CHANNELS] + [
+        "--model",
+        str(model_with_grad),
+        "--out",
+        str(out),
+    ]
     assert run(_args(argv)) == 0
     assert cv2.imread(str(out)).shape == (600, 800, 3)
 

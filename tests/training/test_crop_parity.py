@@ -25,8 +25,15 @@ def sim_dir(tmp_path_factory) -> Path:
 
 
 def _config(sim_dir: Path, tmp: Path, **kw) -> TrainConfig:
-    base = {"train_dirs": [str(sim_dir)], "input_size": 40, "out": str(tmp), "workers": 1, "cache": False,
-            "cache_dtype": "float32", "label_source": "cell"}
+    base = {
+        "train_dirs": [str(sim_dir)],
+        "input_size": 40,
+        "out": str(tmp),
+        "workers": 1,
+        "cache": False,
+        "cache_dtype": "float32",
+        "label_source": "cell",
+    }
     base.update(kw)
     return TrainConfig(**base)
 

@@ -60,8 +60,12 @@ def test_small_model_parity_and_manifest_entry(tmp_path, monkeypatch):
     assert (tmp_path / "grad.onnx").is_file()
     parity = entry.pop("parity")
     print("small model parity:", parity)
-    assert entry == {"file": "grad.onnx", "batch": 4, "inputs": ["image", "weights"],
-                     "outputs": ["gradients", "probabilities"]}
+    assert entry == {
+        "file": "grad.onnx",
+        "batch": 4,
+        "inputs": ["image", "weights"],
+        "outputs": ["gradients", "probabilities"],
+    }
     GradSpec.model_validate(entry)
     assert parity["correlation"] >= 0.999 and parity["rel_error"] < 1e-3
     assert counts["SigmoidGrad"] > 0 and counts["DepthwiseConv2dNativeBackpropInput"] >= 4

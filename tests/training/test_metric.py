@@ -45,8 +45,14 @@ def _truth(*cells: tuple[np.ndarray, list[int]]) -> list[tuple[dict, list[int]]]
 
 def test_perfect_predictions_score_one():
     truth = {"img": _truth((A, [0]), (B, [0, 16]), (C, [5]))}
-    preds = {"img": [(0, 0.9, encode_binary_mask(A)), (0, 0.8, encode_binary_mask(B)),
-                     (16, 0.7, encode_binary_mask(B)), (5, 0.6, encode_mask_coco(C))]}
+    preds = {
+        "img": [
+            (0, 0.9, encode_binary_mask(A)),
+            (0, 0.8, encode_binary_mask(B)),
+            (16, 0.7, encode_binary_mask(B)),
+            (5, 0.6, encode_mask_coco(C)),
+        ]
+    }
     res = evaluate(truth, preds)
     assert res.mean_ap == 1.0 and res.mAP == 1.0
     assert res.ap[0] == 1.0 and res.ap[16] == 1.0 and res.ap[5] == 1.0
@@ -55,8 +61,9 @@ def test_perfect_predictions_score_one():
 
 def test_absent_classes_are_nan_and_excluded():
     truth = {"img": _truth((A, [0]), (B, [1]))}
-    preds = {"img": [(0, 0.9, encode_binary_mask(A)), (1, 0.8, encode_binary_mask(B)),
-                     (7, 0.95, encode_binary_mask(C))]}  # class 7 has no GT anywhere
+    preds = {
+        "img": [(0, 0.9, encode_binary_mask(A)), (1, 0.8, encode_binary_mask(B)), (7, 0.95, encode_binary_mask(C))]
+    }  # class 7 has no GT anywhere
     res = evaluate(truth, preds)
     assert math.isnan(res.ap[7]) and res.n_pred[7] == 1
     assert all(math.isnan(res.ap[c]) for c in range(19) if c not in (0, 1))
@@ -139,7 +146,8 @@ def test_average_precision_direct():
     assert average_precision([0.5, 0.5], [True, False], 1) == 1.0
     # Only the ranking matters.
     assert average_precision([3.0, 2.0, 1.0], [True, False, True], 2) == average_precision(
-        [0.3, 0.2, 0.1], [True, False, True], 2)
+        [0.3, 0.2, 0.1], [True, False, True], 2
+    )
     with pytest.raises(ValueError):
         average_precision([0.1, 0.2], [True, True], 1)
 
@@ -183,6 +191,7 @@ def test_truth_from_labels():
 
 
 # ---- independent reference implementation (pixel IoU, python loops, VOC-style AP sum) ----
+
 
 def _reference_map(truth_masks, preds, thr=0.6):
     """truth_masks: {img: [(mask, classes)]}; preds: {img: [(cls, score, mask)]}."""
@@ -294,6 +303,7 @@ def test_segmentation_scores():
 
 # ---- locus eval (the installed console script) ----
 
+
 def _tiny_dataset(root) -> tuple[dict, dict]:
     import cv2
 
@@ -338,9 +348,19 @@ def test_locus_eval_cli(tmp_path):
     write_submission(tmp_path / "submission.csv", rows)
     out_json = tmp_path / "out.json"
     proc = subprocess.run(
-        [_locus(), "eval", "--truth", str(tmp_path), "--predictions", str(tmp_path / "submission.csv"),
-         "--json", str(out_json)],
-        capture_output=True, text=True, timeout=120,
+        [
+            _locus(),
+            "eval",
+            "--truth",
+            str(tmp_path),
+            "--predictions",
+            str(tmp_path / "submission.csv"),
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -351,11 +371,19 @@ def test_locus_eval_cli(tmp_path):
 
     # A worse submission: drop field fb's rows -> its cells are misses.
     write_submission(tmp_path / "half.csv", rows[:1])
-    proc = subprocess.run([_locus(), "eval", "--truth", str(tmp_path / "truth"), "--predictions",
-                           str(tmp_path / "half.csv")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [_locus(), "eval", "--truth", str(tmp_path / "truth"), "--predictions", str(tmp_path / "half.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] != "mAP: 1.000"
 
-    proc = subprocess.run([_locus(), "eval", "--truth", str(tmp_path / "nothing"), "--predictions",
-                           str(tmp_path / "half.csv")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [_locus(), "eval", "--truth", str(tmp_path / "nothing"), "--predictions", str(tmp_path / "half.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "locus eval" in proc.stderr

@@ -49,8 +49,12 @@ def test_imagenet_init_copies_weights_and_yellow_from_blue(tmp_path, model):
     for layer in twin.layers:
         ws = layer.get_weights()
         if ws:
-            layer.set_weights([rng.normal(0, 0.1, w.shape).astype(w.dtype) + (1.0 if "variance" in v.path else 0.0)
-                               for w, v in zip(ws, layer.weights, strict=True)])
+            layer.set_weights(
+                [
+                    rng.normal(0, 0.1, w.shape).astype(w.dtype) + (1.0 if "variance" in v.path else 0.0)
+                    for w, v in zip(ws, layer.weights, strict=True)
+                ]
+            )
     path = tmp_path / "b0_notop.weights.h5"
     twin.save_weights(path)
     m = build_model("b0", 32)

@@ -42,8 +42,20 @@ def test_locus_train_parser_overrides(tmp_path):
     from service.cli import build_parser
     from training.train import config_from_args
 
-    argv = ["train", "--config", str(Path(__file__).resolve().parents[2] / "configs" / "sim_b0.json"),
-            "--out", str(tmp_path), "--epochs", "2", "--train-dir", "x", "--train-dir", "y", "--no-grad"]
+    argv = [
+        "train",
+        "--config",
+        str(Path(__file__).resolve().parents[2] / "configs" / "sim_b0.json"),
+        "--out",
+        str(tmp_path),
+        "--epochs",
+        "2",
+        "--train-dir",
+        "x",
+        "--train-dir",
+        "y",
+        "--no-grad",
+    ]
     cfg = config_from_args(build_parser(argv).parse_args(argv))
     assert cfg.epochs == 2 and cfg.train_dirs == ["x", "y"] and cfg.out == str(tmp_path) and not cfg.with_grad
 
@@ -97,9 +109,18 @@ def trained(tmp_path_factory):
     data = root / "sim"
     write_dataset(data, n=6, seed=11, config=SimConfig(size=256), workers=1, progress=False)
     config = TrainConfig(
-        train_dirs=[str(data)], input_size=SIZE, epochs=1, batch_size=16, max_steps_per_epoch=3,
-        label_source="cell", out=str(root / "run"), name="tiny", version="0.0.1", with_grad=False,
-        workers=1, verbose=0,
+        train_dirs=[str(data)],
+        input_size=SIZE,
+        epochs=1,
+        batch_size=16,
+        max_steps_per_epoch=3,
+        label_source="cell",
+        out=str(root / "run"),
+        name="tiny",
+        version="0.0.1",
+        with_grad=False,
+        workers=1,
+        verbose=0,
     )
     return config, train(config, progress=False)
 
@@ -154,8 +175,20 @@ def test_locus_export_cli(trained, tmp_path):
 
     config, _ = trained
     out = tmp_path / "exported"
-    code = main(["export", "--checkpoint", str(Path(config.out) / "best.keras"), "--out", str(out),
-                 "--name", "again", "--version", "9", "--no-grad"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(Path(config.out) / "best.keras"),
+            "--out",
+            str(out),
+            "--name",
+            "again",
+            "--version",
+            "9",
+            "--no-grad",
+        ]
+    )
     assert code == 0
     m = load_manifest(out)
     assert (m.name, m.version, m.input_size) == ("again", "9", SIZE)
