@@ -158,13 +158,18 @@ def render_overlay(
             continue
         m = cv2.resize(amap, (sc1 - sc0, sr1 - sr0), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
         m = m.reshape(sr1 - sr0, sc1 - sc0)
-        peak = float(np.max(np.abs(m)))
+        inside2d = labels[sr0:sr1, sc0:sc1] == int(cid)
+        # Scale by the 99th percentile of |map| inside the cell, so a few extreme pixels do not wash out the rest.
+        peak = float(np.percentile(np.abs(m[inside2d]), 99)) if inside2d.any() else 0.0
         if peak <= 0 or not np.isfinite(peak):
             continue
-        v = m / peak
-        inside = (labels[sr0:sr1, sc0:sc1] == int(cid))[..., None]
-        alpha = heat_alpha * np.sqrt(np.abs(v))[..., None] * inside
+        v = np.clip(m / peak, -1.0, 1.0)
+        inside = inside2d[..., None]
+        alpha = heat_alpha * np.abs(v)[..., None] * inside
         patch = rgb[sr0:sr1, sc0:sc1]
+        # Dim the attributed cell to grey so the heatmap, not the stain, carries the colour.
+        grey = patch.mean(axis=-1, keepdims=True) * 0.5
+        patch = np.where(inside, grey, patch)
         rgb[sr0:sr1, sc0:sc1] = patch * (1 - alpha) + _heat_colours(v) * alpha
 
     out = np.ascontiguousarray((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8))
