@@ -324,7 +324,10 @@ def run(args: argparse.Namespace) -> int:
             )
         t0 = time.perf_counter()
         image = load_field(paths)
-        cell_labels, _ = make_segmenter(args.segmenter).segment(image)
+        from service.settings import Settings
+
+        options = Settings().segmenter_options(args.segmenter)
+        cell_labels, _ = make_segmenter(args.segmenter, **options).segment(image)
     except (OSError, ValueError, ModelFolderError) as exc:
         sys.stderr.write(f"locus overlay: {exc}\n")
         return 2

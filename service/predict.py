@@ -91,7 +91,7 @@ def predict_folder(
         intra_op_threads=settings.resolved_threads(),
         max_batch=settings.max_batch,
     )
-    pipeline = Pipeline(classifier, make_segmenter(segmenter))
+    pipeline = Pipeline(classifier, make_segmenter(segmenter, **settings.segmenter_options(segmenter)))
     refs = find_fields(folder)
     if limit is not None:
         refs = refs[:limit]

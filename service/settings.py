@@ -109,6 +109,29 @@ class Settings(BaseSettings):
         """Requests classified at once."""
         return self.max_concurrent or self.cores()
 
+    def segmenter_options(self, name: str | None = None) -> dict:
+        """Constructor options of a segmentation backend, from these settings.
+
+        Parameters
+        ----------
+        name : str, optional
+            Backend name; default :attr:`segmenter`.
+
+        Returns
+        -------
+        dict
+            Keyword options for :func:`service.segmentation.make_segmenter` (empty for ``classical``).
+        """
+        if (name or self.segmenter) != "hpa":
+            return {}
+        return {
+            "nuclei_model": self.hpa_nuclei_model,
+            "cell_model": self.hpa_cell_model,
+            "providers": self.providers,
+            "intra_op_threads": self.resolved_threads(),
+            "require_gpu": self.require_gpu,
+        }
+
     def all_api_keys(self) -> list[str]:
         """API keys from ``api_keys`` and ``api_key_file`` (blank lines and ``#`` comments ignored)."""
         keys = [k for k in self.api_keys if k]

@@ -84,17 +84,8 @@ class ServiceState:
 
 
 def _build_segmenter(settings: Settings) -> tuple[Segmenter, str]:
-    options: dict = {}
-    if settings.segmenter == "hpa":
-        options = {
-            "nuclei_model": settings.hpa_nuclei_model,
-            "cell_model": settings.hpa_cell_model,
-            "providers": settings.providers,
-            "intra_op_threads": settings.resolved_threads(),
-            "require_gpu": settings.require_gpu,
-        }
     try:
-        seg = make_segmenter(settings.segmenter, **options)
+        seg = make_segmenter(settings.segmenter, **settings.segmenter_options())
         return seg, settings.segmenter
     except Exception as exc:
         if settings.segmenter_fallback and settings.segmenter != "classical":

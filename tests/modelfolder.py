@@ -22,9 +22,7 @@ from service.manifest import sha256_file
 __all__ = ["build_linear_onnx", "write_model_folder"]
 
 
-def build_linear_onnx(
-    path: Path, input_size: int, weights: np.ndarray, bias: np.ndarray, fail_on_batch_over: int | None = None
-) -> None:
+def build_linear_onnx(path: Path, input_size: int, weights: np.ndarray, bias: np.ndarray) -> None:
     """Write p = sigmoid(mean_hw(x) @ W + b) as ONNX.
 
     Parameters
@@ -37,8 +35,6 @@ def build_linear_onnx(
         (4, 19) float32.
     bias : numpy.ndarray
         (19,) float32.
-    fail_on_batch_over : int, optional
-        Unused; reserved.
     """
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", input_size, input_size, 4])
     y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 19])

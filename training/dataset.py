@@ -154,17 +154,10 @@ def _segment(name: str, image: np.ndarray) -> np.ndarray:
     from service.segmentation import make_segmenter
 
     if name not in _SEGMENTERS:
-        options: dict = {}
-        if name == "hpa":  # the same LOCUS_HPA_* settings the service reads
-            from service.settings import Settings
+        from service.settings import Settings
 
-            settings = Settings()
-            options = {
-                "nuclei_model": settings.hpa_nuclei_model,
-                "cell_model": settings.hpa_cell_model,
-                "providers": settings.providers,
-            }
-        _SEGMENTERS[name] = make_segmenter(name, **options)
+        # the same LOCUS_* settings (e.g. the HPA network files) the service reads
+        _SEGMENTERS[name] = make_segmenter(name, **Settings().segmenter_options(name))
     cells, _ = _SEGMENTERS[name].segment(image)
     return cells
 
