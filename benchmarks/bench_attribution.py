@@ -35,8 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.attribution import integrated_gradients  # noqa: E402
-from service.classes import NUM_CLASSES  # noqa: E402
+from locus.service.attribution import integrated_gradients  # noqa: E402
+from locus.service.classes import NUM_CLASSES  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "hpa-samples"
 
@@ -59,9 +59,9 @@ def sample_cells(n: int, size: int) -> tuple[np.ndarray, str]:
     files = sorted(SAMPLE.glob("*_red.jpg"))
     if files:
         try:
-            from service.crop import CropRule, crop_cells
-            from service.imaging import load_field
-            from service.segmentation import make_segmenter
+            from locus.service.crop import CropRule, crop_cells
+            from locus.service.imaging import load_field
+            from locus.service.segmentation import make_segmenter
 
             stem = str(files[0])[: -len("_red.jpg")]
             image = load_field({c: f"{stem}_{c}.jpg" for c in ("red", "green", "blue", "yellow")})
@@ -80,7 +80,7 @@ def export_child(path: Path, size: int, batch: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from training.grad_export import export_grad_model
+    from locus.training.grad_export import export_grad_model
 
     keras.utils.set_random_seed(0)
     base = keras.applications.EfficientNetB0(weights=None, include_top=False, input_shape=(size, size, 4))

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import onnxruntime as ort
 
-    from training.export import convert_to_onnx
-    from training.model import build_model
+    from locus.training.export import convert_to_onnx
+    from locus.training.model import build_model
 
     model = (
         keras.models.load_model(args.checkpoint, compile=False)

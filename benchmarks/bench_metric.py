@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from service.encoding import encode_binary_mask, encode_label_masks, encode_mask_coco, rle_to_kaggle
-from training.metric import evaluate, truth_from_labels
+from locus.service.encoding import encode_binary_mask, encode_label_masks, encode_mask_coco, rle_to_kaggle
+from locus.service.metric import evaluate, truth_from_labels
 
 
 def make_field(size: int = 2048, n_cells: int = 30, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ Run from the repository root::
 
 Prints, per field size: cell F1 and mean IoU of matched cells (one-to-one matches
 at IoU >= 0.5), the same for nuclei, precision/recall, and seconds per field
-(single thread). Fields come from HPA-sim (``training.sim.generator``) when it is
+(single thread). Fields come from HPA-sim (``locus.training.sim.generator``) when it is
 importable, otherwise from the simple drawn fields of the tests. It prints
 numbers; it does not assert anything.
 """
@@ -29,13 +29,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.segmentation import make_segmenter  # noqa: E402
+from locus.service.segmentation import make_segmenter  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "hpa-samples"
 
 
 def _own_scores(pred: np.ndarray, true: np.ndarray, iou_threshold: float = 0.5) -> dict[str, float | int]:
-    """One-to-one matching at IoU >= threshold (unique above 0.5), used when training.metric is absent."""
+    """One-to-one matching at IoU >= threshold (unique above 0.5), used when locus.service.metric is absent."""
     n_pred, n_true = int(pred.max()), int(true.max())
     inter = np.bincount(
         true.ravel().astype(np.int64) * (n_pred + 1) + pred.ravel(), minlength=(n_true + 1) * (n_pred + 1)
@@ -61,9 +61,9 @@ def _own_scores(pred: np.ndarray, true: np.ndarray, iou_threshold: float = 0.5) 
 def scorer() -> tuple[str, Callable[[np.ndarray, np.ndarray], dict]]:
     """The project's ``segmentation_scores`` when importable, else a local equivalent."""
     try:
-        from training.metric import segmentation_scores
+        from locus.service.metric import segmentation_scores
 
-        return "training.metric.segmentation_scores", segmentation_scores
+        return "locus.service.metric.segmentation_scores", segmentation_scores
     except Exception:  # noqa: BLE001 - any import problem means: use the local one
         return "local matcher", _own_scores
 
@@ -71,7 +71,7 @@ def scorer() -> tuple[str, Callable[[np.ndarray, np.ndarray], dict]]:
 def fields(n: int, side: int, seed: int) -> tuple[str, Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """(source name, iterator of (image, true cells, true nuclei)) at ``side``²."""
     try:
-        from training.sim.generator import SimConfig, generate_field
+        from locus.training.sim.generator import SimConfig, generate_field
 
         config = SimConfig(size=side)
 
@@ -125,7 +125,7 @@ def overlay(image: np.ndarray, cells: np.ndarray, nuclei: np.ndarray, side: int 
     """
     from skimage.segmentation import find_boundaries
 
-    from service.imaging import to_unit255
+    from locus.service.imaging import to_unit255
 
     img = to_unit255(image)
     r, g, b, y = (img[:, :, k] for k in range(4))
@@ -144,7 +144,7 @@ def overlay(image: np.ndarray, cells: np.ndarray, nuclei: np.ndarray, side: int 
 
 def load_sample() -> np.ndarray:
     """The real HPA sample field (website JPEGs) as HxWx4 uint8."""
-    from service.imaging import decode_channel, stack_channels
+    from locus.service.imaging import decode_channel, stack_channels
 
     channels = {}
     for c in ("red", "green", "blue", "yellow"):

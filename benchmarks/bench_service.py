@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from service.classes import CHANNELS  # noqa: E402
+from locus.service.classes import CHANNELS  # noqa: E402
 
 DEFAULT_MODEL = REPO / "models" / "locus-sim-b0"
 
@@ -68,7 +68,7 @@ def make_fields(n: int, size: int, seed: int, cache_root: Path) -> tuple[Path, l
     ids : list of str
         Field ids.
     """
-    from training.sim.generator import SimConfig, field_id, generate_field
+    from locus.training.sim.generator import SimConfig, field_id, generate_field
 
     folder = cache_root / f"locus-bench-fields-{size}-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def start_server(model: Path, segmenter: str, env_extra: dict[str, str]) -> Iter
 
     port = _free_port()
     env = {**os.environ, "LOCUS_LOG_LEVEL": "warning", **env_extra}
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--model", str(model)]
+    cmd = [sys.executable, "-m", "locus.cli", "serve", "--port", str(port), "--model", str(model)]
     cmd += ["--segmenter", segmenter]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -247,9 +247,9 @@ def keras_model(model_dir: Path, input_size: int):
     if checkpoints:
         return keras.models.load_model(checkpoints[0], compile=False), f"checkpoint {checkpoints[0].name}"
     try:
-        from training.model import build_model
+        from locus.training.model import build_model
 
-        return build_model("b0", input_size=input_size), "training.model.build_model('b0') (random weights)"
+        return build_model("b0", input_size=input_size), "locus.training.model.build_model('b0') (random weights)"
     except Exception as exc:  # the training package is optional here
         base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(input_size,) * 2 + (4,))
         x = keras.layers.GlobalAveragePooling2D()(base.output)
@@ -263,9 +263,9 @@ def bench_naive(folder: Path, ids: list[str], model_dir: Path, n_fields: int) ->
         import tensorflow  # noqa: F401
     except ImportError:
         return {"skipped": "TensorFlow is not installed (pip install -e '.[train]'): naive pipeline not run"}
-    from service.crop import crop_cells
-    from service.manifest import load_manifest
-    from service.segmentation.classical import ClassicalSegmenter
+    from locus.service.crop import crop_cells
+    from locus.service.manifest import load_manifest
+    from locus.service.segmentation.classical import ClassicalSegmenter
 
     manifest = load_manifest(model_dir)
     rule = manifest.crop.rule()
@@ -315,8 +315,8 @@ def b0_model_folder(root: Path, input_size: int = 64) -> tuple[Path, str]:
     except ImportError:
         folder = write_model_folder(root / "locus-bench-model-linear", input_size=input_size)
         return folder, "linear test classifier (TensorFlow absent: no B0 to export)"
-    from service.manifest import sha256_file
-    from training.export import convert_to_onnx
+    from locus.service.manifest import sha256_file
+    from locus.training.export import convert_to_onnx
 
     write_model_folder(folder, input_size=input_size)
     model, source = keras_model(folder, input_size)

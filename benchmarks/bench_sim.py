@@ -12,7 +12,7 @@ import time
 
 import cv2
 
-from training.sim.generator import SimConfig, generate_field, write_dataset
+from locus.training.sim.generator import SimConfig, generate_field, write_dataset
 
 
 def bench_generate(size: int, n: int, seed: int = 0) -> tuple[float, float]:

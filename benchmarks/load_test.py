@@ -4,7 +4,7 @@ Run with ``python benchmarks/load_test.py`` (needs only what ``pip install -e '.
 installs: httpx, numpy, OpenCV; ``onnx`` to build a stand-in model when no model folder
 is given and ``models/locus-sim-b0`` is absent). The script
 
-1. starts ``python -m service.cli serve`` on a free 127.0.0.1 port and waits for /ready;
+1. starts ``python -m locus.cli serve`` on a free 127.0.0.1 port and waits for /ready;
 2. measures capacity: ``--calibrate`` requests at concurrency = the server's workers,
    capacity = completed requests per second;
 3. offers ``--factor`` x capacity (default 2x) as an open-loop arrival stream (fixed
@@ -108,7 +108,7 @@ def start_server(model: Path, port: int, env: dict[str, str], log: Path) -> subp
     }
     sink = open(log, "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"], env=environment, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO
+        [sys.executable, "-m", "locus.cli", "serve"], env=environment, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO
     )
 
 

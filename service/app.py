@@ -16,14 +16,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from service import __version__
-from service.api import classify, meta, observability
-from service.errors import install_error_handlers
-from service.logs import configure_logging
-from service.metrics import Metrics
-from service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from service.settings import Settings
-from service.state import load_state
+from locus.service import __version__
+from locus.service.api import classify, meta, observability
+from locus.service.errors import install_error_handlers
+from locus.service.logs import configure_logging
+from locus.service.metrics import Metrics
+from locus.service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from locus.service.settings import Settings
+from locus.service.state import load_state
 
 __all__ = ["create_app"]
 
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = load_state(settings, on_batch=app.state.metrics.batch_size)
+        state = load_state(settings, metrics=app.state.metrics)
         app.state.locus = state
         try:
             yield

@@ -1,6 +1,6 @@
 """Integrated gradients (IG) per cell through ``grad.onnx``, with ONNX Runtime only.
 
-The gradient model (:mod:`training.grad_export`) has a fixed batch B, inputs
+The gradient model (:mod:`locus.training.grad_export`) has a fixed batch B, inputs
 ``image`` (B, S, S, 4) float32 0-255 and ``weights`` (B, 19), and outputs
 ``gradients`` = d sum(p * w) / d image and ``probabilities`` (B, 19). IG of class
 ``c`` for a crop ``x`` against a baseline ``x'`` is
@@ -44,8 +44,9 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from service.classes import CLASS_NAMES, NUM_CLASSES
-from service.crop import CropRule, square_window
+from locus.service.classes import CLASS_NAMES, NUM_CLASSES
+from locus.service.config import IG_MAX_STEPS, IG_STEPS
+from locus.service.crop import CropRule, square_window
 
 __all__ = [
     "AttributionMap",
@@ -59,10 +60,10 @@ __all__ = [
     "map_to_box",
 ]
 
-DEFAULT_STEPS = 128
+DEFAULT_STEPS = IG_STEPS
 """Default number of trapezoid intervals (``steps + 1`` gradient evaluations per cell and class)."""
 
-MAX_STEPS = 1024
+MAX_STEPS = IG_MAX_STEPS
 """Largest accepted step count (cost grows linearly with it)."""
 
 ENCODING = "png16-signed"
@@ -123,39 +124,6 @@ class AttributionMap:
     def total(self) -> float:
         """Sum of the attribution (``~ f_input - f_baseline``)."""
         return float(self.channel_totals.sum())
-
-    def to_dict(self, *, include_map: bool = True) -> dict[str, Any]:
-        """JSON-serialisable form, the map encoded by :func:`encode_map`.
-
-        Parameters
-        ----------
-        include_map : bool
-            Include the encoded map under ``"map"``.
-
-        Returns
-        -------
-        dict
-            ``class_id``, ``class_name``, ``f_input``, ``f_baseline``, ``total``, ``channel_totals``
-            (by channel name), ``completeness_abs``, ``completeness_rel``, ``steps``, ``baseline``
-            and optionally ``map``.
-        """
-        out: dict[str, Any] = {
-            "class_id": int(self.class_id),
-            "class_name": self.class_name,
-            "f_input": float(self.f_input),
-            "f_baseline": float(self.f_baseline),
-            "total": self.total,
-            "channel_totals": {
-                c: float(v) for c, v in zip(("red", "green", "blue", "yellow"), self.channel_totals, strict=True)
-            },
-            "completeness_abs": float(self.completeness_abs),
-            "completeness_rel": float(self.completeness_rel),
-            "steps": int(self.steps),
-            "baseline": self.baseline,
-        }
-        if include_map:
-            out["map"] = encode_map(self.attribution)
-        return out
 
 
 def make_baseline(inputs: np.ndarray, kind: Baseline | np.ndarray = "black", sigma: float | None = None) -> np.ndarray:
@@ -225,7 +193,7 @@ def integrated_gradients(
     batch_size : int
         The gradient model's fixed batch B (``manifest.grad.batch``).
     inputs : numpy.ndarray
-        (N, S, S, 4) ``float32`` crops, 0-255 (as made by :func:`service.crop.crop_cells`).
+        (N, S, S, 4) ``float32`` crops, 0-255 (as made by :func:`locus.service.crop.crop_cells`).
     targets : sequence of sequence of int
         Classes to attribute, per cell (``len(targets) == N``); an empty list gives no maps.
     steps : int
@@ -449,7 +417,7 @@ def map_to_box(
 ) -> np.ndarray:
     """Bring a crop-space map back onto the cell's bounding box in image coordinates.
 
-    The crop is the square window :func:`service.crop.square_window` cuts around ``box``,
+    The crop is the square window :func:`locus.service.crop.square_window` cuts around ``box``,
     resized to S x S; this resizes the map to the window's side (linear) and cuts the box out.
 
     Parameters

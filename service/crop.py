@@ -11,7 +11,7 @@ identical tensors. The rule, recorded in every model manifest:
 3. When ``mask_other_cells`` is set, zero every pixel that belongs to another cell
    (label not 0 and not this cell); background pixels are kept.
 4. Resize to ``size`` x ``size`` (area interpolation when shrinking, linear when
-   enlarging) and bring values to float32 0-255 (:func:`service.imaging.to_unit255`).
+   enlarging) and bring values to float32 0-255 (:func:`locus.service.imaging.to_unit255`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from service.imaging import UINT16_TO_255
+from locus.service.imaging import UINT16_TO_255
 
 __all__ = ["CropRule", "cell_boxes", "crop_cell", "crop_cells", "square_window"]
 
@@ -51,11 +51,6 @@ class CropRule:
     def to_dict(self) -> dict:
         """Return the rule as a JSON-serialisable dict (stored in the manifest)."""
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> CropRule:
-        """Build a rule from :meth:`to_dict` output."""
-        return cls(**{k: data[k] for k in ("size", "padding", "mask_other_cells", "min_side") if k in data})
 
 
 def cell_boxes(labels: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
@@ -139,7 +134,7 @@ def crop_cell(
     wr0, wc0, wr1, wc1 = square_window(box, rule)
     side = wr1 - wr0
     channels = image.shape[2]
-    # Build the window directly in float32 (0-255 by the rule of service.imaging.to_unit255).
+    # Build the window directly in float32 (0-255 by the rule of locus.service.imaging.to_unit255).
     window = np.zeros((side, side, channels), dtype=np.float32)
     sr0, sc0, sr1, sc1 = max(wr0, 0), max(wc0, 0), min(wr1, h), min(wc1, w)
     if sr1 > sr0 and sc1 > sc0:

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.imaging import ImageError
+from locus.service.imaging import ImageError
 
 __all__ = ["ApiError", "error_response", "install_error_handlers", "ERROR_RESPONSES"]
 
@@ -203,7 +203,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _err(description: str) -> dict:
-    from service.api.schemas import ErrorResponse
+    from locus.service.schemas import ErrorResponse
 
     return {"model": ErrorResponse, "description": description}
 

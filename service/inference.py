@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import Manifest, ModelFolderError, load_manifest
+from locus.service.manifest import Manifest, ModelFolderError, load_manifest
 
 __all__ = ["Classifier", "ProviderReport", "create_session"]
 

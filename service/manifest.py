@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.classes import CHANNELS, CLASS_NAMES, NUM_CLASSES
-from service.crop import CropRule
+from locus.service.classes import CHANNELS, CLASS_NAMES, NUM_CLASSES
+from locus.service.crop import CropRule
 
 __all__ = ["CropSpec", "GradSpec", "Manifest", "ModelFolderError", "load_manifest", "sha256_file", "MANIFEST_NAME"]
 
@@ -28,7 +28,7 @@ class ModelFolderError(RuntimeError):
 
 
 class CropSpec(BaseModel):
-    """The crop rule as stored in the manifest (see :mod:`service.crop`)."""
+    """The crop rule as stored in the manifest (see :mod:`locus.service.crop`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,7 +38,7 @@ class CropSpec(BaseModel):
     min_side: int = Field(default=16, ge=1)
 
     def rule(self) -> CropRule:
-        """Return the executable :class:`~service.crop.CropRule`."""
+        """Return the executable :class:`~locus.service.crop.CropRule`."""
         return CropRule(
             size=self.size, padding=self.padding, mask_other_cells=self.mask_other_cells, min_side=self.min_side
         )

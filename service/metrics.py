@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["Metrics"]
@@ -40,16 +42,14 @@ class Metrics:
         )
         self.labels = Counter("locus_labels_called_total", "Labels called per class", ["class_name"], registry=r)
 
-    def observe_field(self, body: dict) -> None:
-        """Count one answered field from its response body."""
+    def observe_field(self, body: Any) -> None:
+        """Count one answered field from its :class:`~locus.service.schemas.ClassifyResponse`."""
         self.fields.inc()
-        cells = body.get("cells")
-        if cells is not None:
-            self.cells.inc(len(cells))
-            for cell in cells:
-                for lab in cell.get("labels", []):
-                    self.labels.labels(class_name=lab["name"]).inc()
-        for stage, ms in (body.get("timings_ms") or {}).items():
+        self.cells.inc(len(body.cells))
+        for cell in body.cells:
+            for lab in cell.labels:
+                self.labels.labels(class_name=lab.name).inc()
+        for stage, ms in body.timings_ms.items():
             if stage != "total":
                 self.stage.labels(stage=stage).observe(ms / 1e3)
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import check_authorization
+from locus.service.auth import check_authorization
 
 __all__ = ["RequestIdMiddleware", "BodyLimitMiddleware", "ApiKeyMiddleware", "OPEN_PATHS"]
 

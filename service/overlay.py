@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from service.classes import CHANNELS, CLASS_NAMES, NUM_CLASSES
+from locus.service.classes import CHANNELS, CLASS_NAMES
 
 __all__ = ["composite", "render_overlay", "save_png", "configure_parser", "run"]
 
@@ -37,7 +37,7 @@ def composite(image: np.ndarray, percentile: float = 99.5, min_range: float = 40
     Parameters
     ----------
     image : numpy.ndarray
-        (H, W, 4), ``uint8``, ``uint16`` or float 0-255 (:func:`service.imaging.to_unit255`).
+        (H, W, 4), ``uint8``, ``uint16`` or float 0-255 (:func:`locus.service.imaging.to_unit255`).
     percentile : float
         Each channel is stretched from its 1st percentile (background) to this percentile.
     min_range : float
@@ -49,7 +49,7 @@ def composite(image: np.ndarray, percentile: float = 99.5, min_range: float = 40
     numpy.ndarray
         (H, W, 3) ``float32`` in 0-1: R = red + yellow, G = green + yellow, B = blue (clipped).
     """
-    from service.imaging import to_unit255
+    from locus.service.imaging import to_unit255
 
     if image.ndim != 3 or image.shape[2] != 4:
         raise ValueError(f"expected an (H, W, 4) field, got {image.shape}")
@@ -119,7 +119,7 @@ def render_overlay(
         / ``names``): class names (str) or class ids (int); entries without labels get no text.
     attributions : dict, optional
         ``{cell_id: (box, map)}`` with ``box`` (row0, col0, row1, col1) in image coordinates and ``map``
-        of shape (row1 - row0, col1 - col0) (see :func:`service.attribution.map_to_box`). Blended over
+        of shape (row1 - row0, col1 - col0) (see :func:`locus.service.attribution.map_to_box`). Blended over
         the cell's own pixels inside the box.
     max_side : int
         The output is downscaled so its longer side is at most this (never enlarged).
@@ -196,7 +196,7 @@ def render_overlay(
 
 
 def _scaled_boxes(labels: np.ndarray, f: float) -> dict[int, Box]:
-    from service.crop import cell_boxes
+    from locus.service.crop import cell_boxes
 
     return {
         cid: (int(r0 * f), int(c0 * f), int(np.ceil(r1 * f)), int(np.ceil(c1 * f)))
@@ -247,7 +247,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--field", nargs=2, metavar=("DIR", "ID"), help="read DIR/ID_{red,green,blue,yellow}.{png,tif,jpg}"
     )
-    from service.settings import DEFAULT_MODEL_DIR
+    from locus.service.config import DEFAULT_MODEL_DIR
 
     parser.add_argument(
         "--model",
@@ -257,7 +257,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     parser.add_argument("--attributions", action="store_true", help="blend integrated-gradient heatmaps (grad.onnx)")
     parser.add_argument("--segmenter", default="classical", help="segmentation backend (default classical)")
-    parser.add_argument("--steps", type=int, default=None, help="IG trapezoid steps (default 128)")
+    parser.add_argument("--steps", type=int, default=None, help="IG trapezoid steps (default LOCUS_IG_STEPS, 64)")
     parser.add_argument("--baseline", choices=["black", "blur"], default="black", help="IG baseline")
     parser.add_argument("--max-cells", type=int, default=50, help="attribute at most this many cells (default 50)")
     parser.add_argument("--threshold", type=float, default=None, help="one decision threshold for every class")
@@ -281,22 +281,11 @@ def _field_paths(args: argparse.Namespace) -> dict[str, str]:
     return {c: getattr(args, c) for c in CHANNELS}
 
 
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=ort.get_available_providers())
-
-
-def _classify(session: Any, batch: np.ndarray, input_name: str, output_name: str, chunk: int = 32) -> np.ndarray:
-    out = [session.run([output_name], {input_name: batch[i : i + chunk]})[0] for i in range(0, len(batch), chunk)]
-    return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES), np.float32)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``locus overlay``: read, segment, classify, optionally attribute, render and save.
+
+    The field goes through the same pipeline as the service (:func:`locus.service.factory.build_pipeline`),
+    with the same model-folder checks, thresholds and integrated-gradient defaults.
 
     Parameters
     ----------
@@ -308,65 +297,46 @@ def run(args: argparse.Namespace) -> int:
     int
         0 on success, 2 on bad input or a model folder that cannot serve the request.
     """
-    from service.attribution import DEFAULT_STEPS, integrated_gradients, map_to_box
-    from service.crop import cell_boxes, crop_cells
-    from service.imaging import load_field
-    from service.manifest import ModelFolderError, load_manifest
-    from service.segmentation import make_segmenter
+    from locus.service.config import PipelineSettings
+    from locus.service.factory import build_pipeline
+    from locus.service.imaging import load_field
+    from locus.service.manifest import ModelFolderError
+    from locus.service.pipeline import ClassifyOptions
 
+    settings = PipelineSettings()
     try:
         paths = _field_paths(args)
-        folder = Path(args.model)
-        manifest = load_manifest(folder)
-        if args.attributions and manifest.grad is None:
+        pipeline = build_pipeline(settings, model_dir=args.model, segmenter=args.segmenter)
+        if args.attributions and not pipeline.classifier.supports_attributions:
             raise ModelFolderError(
-                f"{folder}: no grad.onnx in the manifest; export the gradient model for attributions"
+                f"{args.model}: no grad.onnx in the manifest; export the gradient model for attributions"
             )
         t0 = time.perf_counter()
-        image = load_field(paths)
-        from service.settings import Settings
-
-        options = Settings().segmenter_options(args.segmenter)
-        cell_labels, _ = make_segmenter(args.segmenter, **options).segment(image)
+        image = load_field(paths, max_pixels=settings.max_image_pixels)
     except (OSError, ValueError, ModelFolderError) as exc:
         sys.stderr.write(f"locus overlay: {exc}\n")
         return 2
-    rule = manifest.crop.rule()
-    ids, batch = crop_cells(image, cell_labels, rule)
-    probs = _classify(_session(folder / "model.onnx"), batch, manifest.input_name, manifest.output_name)
-    if args.threshold is not None:
-        thr = np.full(NUM_CLASSES, args.threshold, np.float32)
-    else:
-        thr = np.asarray(manifest.thresholds, np.float32)
-    labels = [[int(k) for k in np.flatnonzero(p >= thr)] for p in probs]
-    cells = [{"id": cid, "labels": [CLASS_NAMES[k] for k in lab]} for cid, lab in zip(ids, labels, strict=True)]
-
+    options = ClassifyOptions(
+        threshold=args.threshold,
+        include_masks=False,
+        attributions=args.attributions,
+        ig_steps=args.steps or settings.ig_steps,
+        ig_baseline=args.baseline,
+        ig_max_cells=max(0, args.max_cells),
+        attribute_top=True,
+    )
+    result = pipeline.run(image, options)
+    cells = [{"id": c.record.id, "labels": [CLASS_NAMES[k] for k in c.labels]} for c in result.cells]
     attributions: dict[int, tuple[Box, np.ndarray]] | None = None
-    if args.attributions and ids:
-        boxes = cell_boxes(cell_labels)
-        chosen = list(range(min(len(ids), max(0, args.max_cells))))
-        # the cell's most probable predicted label (its top class when none passes the threshold)
-        targets = [
-            [max(labels[i], key=lambda k, i=i: probs[i][k]) if labels[i] else int(np.argmax(probs[i]))] for i in chosen
-        ]
-        steps = args.steps or DEFAULT_STEPS
-        maps = integrated_gradients(
-            _session(folder / manifest.grad.file),
-            manifest.grad.batch,
-            batch[chosen],
-            targets,
-            steps=steps,
-            baseline=args.baseline,
-            max_steps=max(steps, 2),
+    if args.attributions:
+        attributions = {
+            c.record.id: (c.attributions[0].box, c.attributions[0].map) for c in result.cells if c.attributions
+        }
+        worst = max((c.attributions[0].result.completeness_rel for c in result.cells if c.attributions), default=0.0)
+        print(
+            f"attributions: {len(attributions)} cells, {options.ig_steps} steps, worst completeness error {worst:.2%}"
         )
-        attributions = {}
-        worst = 0.0
-        for i, cell_maps in zip(chosen, maps, strict=True):
-            box = boxes[ids[i]]
-            attributions[ids[i]] = (box, map_to_box(cell_maps[0].attribution, box, rule))
-            worst = max(worst, cell_maps[0].completeness_rel)
-        print(f"attributions: {len(chosen)} cells, {steps} steps, worst completeness error {worst:.2%}")
-    rgb = render_overlay(image, cell_labels, cells, attributions, max_side=args.max_side)
+    rgb = render_overlay(image, result.cell_labels, cells, attributions, max_side=args.max_side)
     out = save_png(rgb, args.out)
-    print(f"{out}: {len(ids)} cells, {rgb.shape[1]}x{rgb.shape[0]} px, {time.perf_counter() - t0:.1f} s")
+    print(f"{out}: {len(result.cells)} cells, {rgb.shape[1]}x{rgb.shape[0]} px, {time.perf_counter() - t0:.1f} s")
     return 0

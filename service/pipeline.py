@@ -1,8 +1,9 @@
 """The classification pipeline over one field: segment -> crop -> classify -> [attribute] -> encode.
 
 Every stage is a plain function over numpy arrays; this module strings them
-together, times them, and returns a :class:`FieldResult`. The HTTP layer, the
-``locus predict`` batch job and the evaluation all call :meth:`Pipeline.run`,
+together, times them, and returns a :class:`FieldResult`. A pipeline is built by
+:func:`locus.service.factory.build_pipeline` only; the HTTP service, ``locus predict``,
+``locus overlay`` and the default model's evaluation all call :meth:`Pipeline.run`,
 so what is measured is what is served.
 """
 
@@ -11,17 +12,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from service.cells import CellRecord, cell_records
-from service.classes import CLASS_NAMES, NUM_CLASSES
-from service.crop import crop_cells
-from service.encoding import encode_label_masks, format_prediction_string, rle_to_kaggle
-from service.inference import Classifier
-from service.segmentation.base import Segmenter
+from locus.service.cells import CellRecord, cell_records
+from locus.service.classes import CLASS_NAMES, NUM_CLASSES
+from locus.service.config import IG_BASELINE, IG_MAX_CELLS, IG_STEPS
+from locus.service.crop import crop_cells
+from locus.service.encoding import encode_label_masks, format_prediction_string, rle_to_kaggle
+from locus.service.inference import Classifier
+from locus.service.segmentation.base import Segmenter
 
-__all__ = ["ClassifyOptions", "CellResult", "FieldResult", "Pipeline"]
+__all__ = ["ClassifyOptions", "CellAttribution", "CellResult", "FieldResult", "Pipeline"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class ClassifyOptions:
         ``"black"`` or ``"blur"``.
     ig_max_cells : int
         Attributions for at most this many cells (in cell id order).
+    attribute_top : bool
+        Explain only each cell's most probable class (its top label, or its highest score when no
+        class passes its threshold) instead of all its labels; ignored with ``attribution_classes``.
     """
 
     threshold: float | None = None
@@ -53,9 +59,29 @@ class ClassifyOptions:
     include_scores: bool = False
     attributions: bool = False
     attribution_classes: tuple[int, ...] | None = None
-    ig_steps: int = 64
-    ig_baseline: str = "black"
-    ig_max_cells: int = 64
+    ig_steps: int = IG_STEPS
+    ig_baseline: str = IG_BASELINE
+    ig_max_cells: int = IG_MAX_CELLS
+    attribute_top: bool = False
+
+
+@dataclass
+class CellAttribution:
+    """One integrated-gradient map of one class over one cell, placed on the cell's bounding box.
+
+    Parameters
+    ----------
+    result : AttributionMap
+        The map over the model's crop, with its completeness check.
+    box : tuple of int
+        (row0, col0, row1, col1) in the field, end-exclusive.
+    map : numpy.ndarray
+        (row1 - row0, col1 - col0) ``float32`` map over the box.
+    """
+
+    result: Any
+    box: tuple[int, int, int, int]
+    map: np.ndarray
 
 
 @dataclass
@@ -66,7 +92,7 @@ class CellResult:
     probabilities: np.ndarray
     labels: list[int]
     mask: dict | None = None
-    attributions: list[dict] = field(default_factory=list)
+    attributions: list[CellAttribution] = field(default_factory=list)
 
 
 @dataclass
@@ -138,26 +164,39 @@ class FieldResult:
 class Pipeline:
     """Segmentation, crops, classification and attributions for one field at a time.
 
+    Build it with :func:`locus.service.factory.build_pipeline`.
+
     Parameters
     ----------
     classifier : Classifier
         The loaded model folder.
     segmenter : Segmenter
         The segmentation backend.
-    predict : callable, optional
-        ``predict(batch) -> probabilities``; default ``classifier.predict``. The service
-        passes its dynamic batcher here so cells of concurrent requests share batches.
+    segmenter_name : str
+        The backend's name as reported in answers.
+    batcher : callable, optional
+        ``batcher(batch) -> probabilities`` with a ``close()``; the service's dynamic batcher, so
+        cells of concurrent requests share model batches. Default: ``classifier.predict``.
     """
 
     def __init__(
         self,
         classifier: Classifier,
         segmenter: Segmenter,
-        predict: Callable[[np.ndarray], np.ndarray | None] | None = None,
+        segmenter_name: str | None = None,
+        batcher: Callable[[np.ndarray], np.ndarray | None] | None = None,
     ) -> None:
         self.classifier = classifier
         self.segmenter = segmenter
-        self._predict = predict or classifier.predict
+        self.segmenter_name = segmenter_name or getattr(segmenter, "name", "custom")
+        self.batcher = batcher
+        self._predict = batcher or classifier.predict
+
+    def close(self) -> None:
+        """Stop the batcher, if any."""
+        close = getattr(self.batcher, "close", None)
+        if close is not None:
+            close()
 
     def run(self, image: np.ndarray, options: ClassifyOptions | None = None) -> FieldResult:
         """Classify every cell of one field.
@@ -218,16 +257,13 @@ class Pipeline:
         return FieldResult(height=h, width=w, cells=cells, timings_ms=timings, cell_labels=cell_labels)
 
     def _attribute(self, batch: np.ndarray, cells: list[CellResult], options: ClassifyOptions) -> None:
-        from service.attribution import encode_map, integrated_gradients, map_to_box
+        from locus.service.attribution import integrated_gradients, map_to_box
 
         grad = self.classifier.manifest.grad
         if grad is None:
             raise ValueError("this model folder has no gradient model (grad.onnx)")
         chosen = list(range(min(len(cells), options.ig_max_cells)))
-        targets = [
-            list(options.attribution_classes) if options.attribution_classes is not None else list(cells[i].labels)
-            for i in chosen
-        ]
+        targets = [self._targets(cells[i], options) for i in chosen]
         maps = integrated_gradients(
             self.classifier.grad_session(),
             grad.batch,
@@ -240,23 +276,15 @@ class Pipeline:
         rule = self.classifier.crop_rule
         for i, cell_maps in zip(chosen, maps, strict=True):
             cell = cells[i]
+            box = tuple(int(v) for v in cell.record.bbox)
             for amap in cell_maps:
-                boxed = map_to_box(amap.attribution, cell.record.bbox, rule)
-                cell.attributions.append(
-                    {
-                        "class_id": amap.class_id,
-                        "name": CLASS_NAMES[amap.class_id],
-                        "bbox": list(cell.record.bbox),
-                        "map": encode_map(boxed),
-                        "channel_totals": {
-                            c: float(v)
-                            for c, v in zip(("red", "green", "blue", "yellow"), amap.channel_totals, strict=True)
-                        },
-                        "completeness_error": float(amap.completeness_rel),
-                        "completeness_abs": float(amap.completeness_abs),
-                        "score": float(amap.f_input),
-                        "baseline_score": float(amap.f_baseline),
-                        "steps": int(amap.steps),
-                        "baseline": amap.baseline,
-                    }
-                )
+                cell.attributions.append(CellAttribution(amap, box, map_to_box(amap.attribution, box, rule)))
+
+    @staticmethod
+    def _targets(cell: CellResult, options: ClassifyOptions) -> list[int]:
+        if options.attribution_classes is not None:
+            return list(options.attribution_classes)
+        if options.attribute_top:
+            probs = cell.probabilities
+            return [max(cell.labels, key=lambda k: probs[k]) if cell.labels else int(np.argmax(probs))]
+        return list(cell.labels)

@@ -6,17 +6,17 @@ Resumes where it stopped: fields already in the output CSV are skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from service.inference import Classifier
-from service.pipeline import ClassifyOptions, Pipeline
-from service.response import field_json
-from service.segmentation import make_segmenter
-from service.settings import DEFAULT_MODEL_DIR, Settings
+from locus.service.config import DEFAULT_MODEL_DIR, PipelineSettings
+from locus.service.factory import build_pipeline
+from locus.service.pipeline import ClassifyOptions
+from locus.service.readers import find_fields, load_field
+from locus.service.response import classify_response
+from locus.service.submission import SubmissionRow, SubmissionWriter
 
 __all__ = ["configure_parser", "run", "predict_folder"]
 
@@ -58,7 +58,7 @@ def predict_folder(
     Parameters
     ----------
     folder : str or Path
-        The fields (see :func:`training.hpa_data.find_fields`).
+        The fields (see :func:`locus.service.readers.find_fields`).
     out : str or Path
         Submission CSV; rows already there are kept and their fields skipped when ``resume``.
     model_dir : str or Path, optional
@@ -81,17 +81,8 @@ def predict_folder(
     dict
         ``{"fields": found, "done": written now, "skipped": already written, "cells": classified now}``.
     """
-    from training.hpa_data import find_fields, load_field
-    from training.submission import SubmissionRow, SubmissionWriter
-
-    settings = Settings()
-    classifier = Classifier(
-        model_dir or settings.model_dir,
-        settings.providers,
-        intra_op_threads=settings.resolved_threads(),
-        max_batch=settings.max_batch,
-    )
-    pipeline = Pipeline(classifier, make_segmenter(segmenter, **settings.segmenter_options(segmenter)))
+    settings = PipelineSettings()
+    pipeline = build_pipeline(settings, model_dir=model_dir, segmenter=segmenter)
     refs = find_fields(folder)
     if limit is not None:
         refs = refs[:limit]
@@ -106,16 +97,10 @@ def predict_folder(
             image = load_field(ref, max_pixels=settings.max_image_pixels)
             result = pipeline.run(image, options)
             if json_dir is not None:
-                body = field_json(
-                    result,
-                    options,
-                    model_name=classifier.manifest.name,
-                    model_version=classifier.manifest.version,
-                    segmenter=segmenter,
-                    provider=classifier.provider.primary,
-                    request_id=ref.id,
+                body = classify_response(result, options, pipeline, request_id=ref.id)
+                (Path(json_dir) / f"{ref.id}.json").write_text(
+                    body.model_dump_json(exclude_none=True), encoding="utf-8"
                 )
-                (Path(json_dir) / f"{ref.id}.json").write_text(json.dumps(body), encoding="utf-8")
             writer.write(SubmissionRow(ref.id, result.width, result.height, result.predictions(min_confidence)))
             stats["done"] += 1
             stats["cells"] += len(result.cells)

@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     """Start uvicorn on the app; returns when the server stops (SIGINT/SIGTERM drain gracefully)."""
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from locus.service.app import create_app
+    from locus.service.settings import Settings
 
     overrides = {
         k: v

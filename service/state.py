@@ -1,18 +1,23 @@
-"""What the service loads once at start: model, segmenter, batcher, worker pool, admission control."""
+"""What the service loads once at start, and a request's work: pipeline, worker pool, admission, time limit."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from service.batcher import DynamicBatcher
-from service.inference import Classifier
-from service.pipeline import Pipeline
-from service.segmentation import make_segmenter
-from service.segmentation.base import Segmenter
-from service.settings import Settings
+from locus.service.errors import ApiError
+from locus.service.factory import build_pipeline
+from locus.service.imaging import decode_field
+from locus.service.inference import Classifier
+from locus.service.pipeline import ClassifyOptions, Pipeline
+from locus.service.response import classify_response, kaggle_row
+from locus.service.schemas import ClassifyResponse, KaggleResponse
+from locus.service.settings import Settings
 
 __all__ = ["Admission", "ServiceState", "load_state"]
 
@@ -62,47 +67,126 @@ class Admission:
 
 @dataclass
 class ServiceState:
-    """Everything a request handler needs."""
+    """Everything a request handler needs: the pipeline, the worker pool and admission control.
+
+    :meth:`classify` is the whole of a request's work after its form is read: admission,
+    decoding and the pipeline in the worker pool, the time limit, and the answer.
+    """
 
     settings: Settings
-    classifier: Classifier
-    segmenter: Segmenter
-    segmenter_name: str
-    batcher: DynamicBatcher
     pipeline: Pipeline
     executor: ThreadPoolExecutor
     admission: Admission
+    metrics: Any = None
     ready: bool = True
     draining: bool = False
+
+    @property
+    def classifier(self) -> Classifier:
+        """The loaded model folder."""
+        return self.pipeline.classifier
+
+    @property
+    def segmenter_name(self) -> str:
+        """The segmentation backend that runs."""
+        return self.pipeline.segmenter_name
 
     def close(self) -> None:
         """Stop taking work, finish what is in flight, release the pool and the batcher."""
         self.ready = False
         self.draining = True
         self.executor.shutdown(wait=True)
-        self.batcher.close()
+        self.pipeline.close()
+
+    def admit(self) -> None:
+        """Take one admission slot, or raise 503 at once when the service is at capacity.
+
+        Raises
+        ------
+        ApiError
+            503 ``overloaded`` with ``Retry-After``.
+        """
+        if not self.admission.try_enter():
+            if self.metrics is not None:
+                self.metrics.rejected("overloaded")
+            raise ApiError(
+                503,
+                "overloaded",
+                f"the service is at capacity ({self.admission.capacity} requests in flight or queued); "
+                "retry after the Retry-After seconds",
+                headers={"Retry-After": "1"},
+            )
+
+    async def classify(
+        self, blobs: dict[str, bytes], options: ClassifyOptions, *, request_id: str, output: str, image_id: str
+    ) -> ClassifyResponse | KaggleResponse:
+        """Decode and classify one field in the worker pool, within the time limit.
+
+        The caller holds an admission slot (:meth:`admit`); it is released when the work
+        really ends, also after a timeout.
+
+        Parameters
+        ----------
+        blobs : dict
+            Channel name -> file bytes.
+        options : ClassifyOptions
+            What to compute.
+        request_id, output, image_id : str
+            Provenance, ``json`` or ``kaggle``, and the Kaggle row's ID.
+
+        Returns
+        -------
+        ClassifyResponse or KaggleResponse
+            The answer.
+
+        Raises
+        ------
+        ApiError
+            504 when the time limit passes; 4xx for bad images.
+        """
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.executor, self._classify_sync, blobs, options, request_id, output, image_id)
+        fut.add_done_callback(lambda _f: self.admission.leave())
+        limit = self.settings.request_timeout_s
+        try:
+            body = await asyncio.wait_for(asyncio.shield(fut), timeout=limit)
+        except TimeoutError as exc:
+            if self.metrics is not None:
+                self.metrics.rejected("timeout")
+            raise ApiError(
+                504,
+                "timeout",
+                f"classification ran past the limit of {limit:g} s (LOCUS_REQUEST_TIMEOUT_S); "
+                "send a smaller field or fewer attribution steps",
+            ) from exc
+        if self.metrics is not None and isinstance(body, ClassifyResponse):
+            self.metrics.observe_field(body)
+        return body
+
+    def _classify_sync(
+        self, blobs: dict[str, bytes], options: ClassifyOptions, request_id: str, output: str, image_id: str
+    ) -> ClassifyResponse | KaggleResponse:
+        t0 = time.perf_counter()
+        image = decode_field(blobs, max_pixels=self.settings.max_image_pixels)
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        result = self.pipeline.run(image, options)
+        result.timings_ms = {"decode": decode_ms, **result.timings_ms}
+        if output == "kaggle":
+            return kaggle_row(result, image_id)
+        body = classify_response(result, options, self.pipeline, request_id=request_id)
+        body.timings_ms["total"] = round((time.perf_counter() - t0) * 1e3, 2)
+        return body
 
 
-def _build_segmenter(settings: Settings) -> tuple[Segmenter, str]:
-    try:
-        seg = make_segmenter(settings.segmenter, **settings.segmenter_options())
-        return seg, settings.segmenter
-    except Exception as exc:
-        if settings.segmenter_fallback and settings.segmenter != "classical":
-            log.error("segmenter %r could not start (%s); falling back to classical", settings.segmenter, exc)
-            return make_segmenter("classical"), "classical"
-        raise
-
-
-def load_state(settings: Settings, on_batch=None) -> ServiceState:
-    """Load the model folder and segmenter and start the batcher and worker pool.
+def load_state(settings: Settings, metrics: Any = None) -> ServiceState:
+    """Build the pipeline (with the dynamic batcher) and start the worker pool.
 
     Parameters
     ----------
     settings : Settings
         Service settings.
-    on_batch : callable, optional
-        Called with each model batch size (metrics).
+    metrics : Metrics, optional
+        Prometheus metrics (batch sizes, rejections, fields).
 
     Returns
     -------
@@ -111,38 +195,25 @@ def load_state(settings: Settings, on_batch=None) -> ServiceState:
 
     Raises
     ------
-    service.manifest.ModelFolderError
+    locus.service.manifest.ModelFolderError
         The model folder is missing, malformed or does not match its files.
     """
-    classifier = Classifier(
-        settings.model_dir,
-        settings.providers,
-        intra_op_threads=settings.resolved_threads(),
-        max_batch=settings.max_batch,
-        require_gpu=settings.require_gpu,
-    )
-    segmenter, seg_name = _build_segmenter(settings)
-    batcher = DynamicBatcher(
-        classifier.predict, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1e3, on_batch=on_batch
-    )
-    pipeline = Pipeline(classifier, segmenter, predict=batcher)
+    on_batch = metrics.batch_size if metrics is not None else None
+    pipeline = build_pipeline(settings, batched=True, on_batch=on_batch)
     concurrency = settings.resolved_concurrency()
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="locus-worker")
     log.info(
         "model %s %s loaded from %s on %s; segmenter %s",
-        classifier.manifest.name,
-        classifier.manifest.version,
+        pipeline.classifier.manifest.name,
+        pipeline.classifier.manifest.version,
         settings.model_dir,
-        classifier.provider.primary,
-        seg_name,
+        pipeline.classifier.provider.primary,
+        pipeline.segmenter_name,
     )
     return ServiceState(
         settings=settings,
-        classifier=classifier,
-        segmenter=segmenter,
-        segmenter_name=seg_name,
-        batcher=batcher,
         pipeline=pipeline,
         executor=executor,
         admission=Admission(running=concurrency, queued=settings.max_queue),
+        metrics=metrics,
     )

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from service.classes import CHANNELS
+from locus.service.classes import CHANNELS
 from tests.modelfolder import write_model_folder
 
 REPO = Path(__file__).resolve().parents[1]

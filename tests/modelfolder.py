@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.classes import CHANNELS, CLASS_NAMES
-from service.crop import CropRule
-from service.manifest import sha256_file
+from locus.service.classes import CHANNELS, CLASS_NAMES
+from locus.service.crop import CropRule
+from locus.service.manifest import sha256_file
 
 __all__ = ["build_linear_onnx", "write_model_folder"]
 

@@ -13,13 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.crop import CropRule
+from locus.service.crop import CropRule
 
 __all__ = ["AugmentConfig", "CropConfig", "TrainConfig", "load_config"]
 
 
 class CropConfig(BaseModel):
-    """Crop rule settings (the size is ``TrainConfig.input_size``); see :mod:`service.crop`."""
+    """Crop rule settings (the size is ``TrainConfig.input_size``); see :mod:`locus.service.crop`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -94,7 +94,7 @@ class TrainConfig(BaseModel):
     name: str = Field(default="locus", description="Model name in the manifest")
     version: str = Field(default="0.1.0", description="Model version in the manifest")
     export: bool = Field(default=True, description="Export the model folder (<out>/model) after training")
-    with_grad: bool = Field(default=True, description="Also export grad.onnx when training.grad_export is available")
+    with_grad: bool = Field(default=True, description="Also export grad.onnx when grad_export is available")
     grad_batch: int = Field(default=16, ge=1, description="Fixed batch of grad.onnx")
     plots: bool = True
     verbose: int = Field(default=1, ge=0, le=2, description="Keras progress: 0 silent, 1 bar, 2 one line per epoch")

@@ -1,6 +1,6 @@
 """Per-cell training data: crops, labels, the split by image, and the tf.data pipeline.
 
-Every crop is made by :func:`service.crop.crop_cells`, the function the service
+Every crop is made by :func:`locus.service.crop.crop_cells`, the function the service
 calls at prediction time, so training and serving see the same tensors.
 
 Cells come from ``truth/{ID}_cells.png`` when the dataset has ground truth
@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from service.classes import NUM_CLASSES
-from service.crop import CropRule, crop_cells
+from locus.service.classes import NUM_CLASSES
+from locus.service.crop import CropRule, crop_cells
 
 __all__ = [
     "CropSet",
@@ -142,7 +142,7 @@ def field_crops(
     ids : list of int
         Cell ids in batch order.
     batch : numpy.ndarray
-        (N, S, S, 4) ``float32`` 0-255, identical to :func:`service.crop.crop_cells`.
+        (N, S, S, 4) ``float32`` 0-255, identical to :func:`locus.service.crop.crop_cells`.
     """
     return crop_cells(image, cell_labels.astype(np.int32, copy=False), rule, cell_ids)
 
@@ -151,13 +151,12 @@ _SEGMENTERS: dict[str, Any] = {}
 
 
 def _segment(name: str, image: np.ndarray) -> np.ndarray:
-    from service.segmentation import make_segmenter
+    from locus.service.config import PipelineSettings
+    from locus.service.factory import build_segmenter
 
     if name not in _SEGMENTERS:
-        from service.settings import Settings
-
-        # the same LOCUS_* settings (e.g. the HPA network files) the service reads
-        _SEGMENTERS[name] = make_segmenter(name, **Settings().segmenter_options(name))
+        # the same factory and LOCUS_* settings (e.g. the HPA network files) as the service
+        _SEGMENTERS[name] = build_segmenter(PipelineSettings(), name)[0]
     cells, _ = _SEGMENTERS[name].segment(image)
     return cells
 
@@ -204,8 +203,8 @@ def _labels_by_match(
 
 def _crop_field(task: FieldTask) -> tuple[str, list[int], np.ndarray, np.ndarray, str]:
     """Worker: crop one field and label its cells. Returns (id, cell ids, crops, labels, mask source)."""
-    from service.imaging import load_field
-    from training.hpa_data import load_truth
+    from locus.service.imaging import load_field
+    from locus.service.readers import load_truth
 
     image = load_field(task.paths)
     source = "segmenter"
@@ -260,7 +259,7 @@ def _crop_field(task: FieldTask) -> tuple[str, list[int], np.ndarray, np.ndarray
 
 
 def _tasks(config: Any) -> tuple[list[FieldTask], dict[str, list[int]]]:
-    from training.hpa_data import find_fields, read_cell_labels
+    from locus.service.readers import find_fields, read_cell_labels
 
     tasks: list[FieldTask] = []
     image_labels: dict[str, list[int]] = {}

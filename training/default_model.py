@@ -12,7 +12,7 @@ Steps
    held-out mAP into the manifest's training metrics and the model card.
 
 The manifest hashes only the ONNX files, so adding the metrics afterwards keeps
-the folder valid (checked with :func:`service.manifest.load_manifest`).
+the folder valid (checked with :func:`locus.service.manifest.load_manifest`).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _simulate(folder: Path, n: int, seed: int, size: int, start: int, workers: int, keep: bool, progress: bool) -> Path:
-    from training.sim.generator import SimConfig, write_dataset
+    from locus.training.sim.generator import SimConfig, write_dataset
 
     if keep and (folder / "train.csv").is_file():
         return folder
@@ -110,8 +110,8 @@ def evaluate_heldout(
 ) -> dict[str, Any]:
     """Score a model folder on held-out fields through the service's pipeline.
 
-    Runs ``locus predict`` (``service.cli.main``) to write a submission CSV, then
-    :func:`training.metric.evaluate_folder` against the held-out ground truth.
+    Runs ``locus predict`` (``cli.main``) to write a submission CSV, then
+    :func:`locus.service.metric.evaluate_folder` against the held-out ground truth.
 
     Parameters
     ----------
@@ -130,35 +130,15 @@ def evaluate_heldout(
     -------
     dict
         ``{"heldout_map", "heldout_fields", "heldout_segmenter", "heldout_ap", "heldout_seconds"}``.
-
-    Raises
-    ------
-    RuntimeError
-        ``locus predict`` failed or is not available.
     """
-    from service.cli import main as locus
-    from training.metric import evaluate_folder
+    from locus.service.metric import evaluate_folder
+    from locus.service.predict import predict_folder
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     csv = work / "heldout_predictions.csv"
     t = time.time()
-    argv = [
-        "predict",
-        str(heldout_dir),
-        "--out",
-        str(csv),
-        "--model",
-        str(model_dir),
-        "--segmenter",
-        segmenter,
-        "--no-resume",
-    ]
-    if not progress:
-        argv.append("--quiet")
-    code = locus(argv)
-    if code != 0:
-        raise RuntimeError(f"locus {' '.join(argv)} exited with {code}")
+    predict_folder(heldout_dir, csv, model_dir=model_dir, segmenter=segmenter, resume=False, progress=progress)
     # a field's PredictionString (19 classes x cells x RLE masks) exceeds csv's default 128 KiB field limit
     csv_module.field_size_limit(max(csv_module.field_size_limit(), 1 << 30))
     result = evaluate_folder(heldout_dir, csv)
@@ -190,8 +170,8 @@ def record_heldout(model_dir: str | Path, metrics: dict[str, Any]):
     Manifest
         The updated manifest, re-validated with its ONNX hashes.
     """
-    from service.manifest import load_manifest
-    from training.export import write_manifest, write_model_card
+    from locus.service.manifest import load_manifest
+    from locus.training.export import write_manifest, write_model_card
 
     manifest = load_manifest(model_dir)
     training = dict(manifest.training)
@@ -215,9 +195,9 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     dict
         Timings, data sizes, validation and held-out metrics, the model folder.
     """
-    from training.config import TrainConfig
-    from training.export import export_model_folder
-    from training.train import train
+    from locus.training.config import TrainConfig
+    from locus.training.export import export_model_folder
+    from locus.training.train import train
 
     progress = not args.quiet
     t0 = time.time()
@@ -292,9 +272,9 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not args.skip_eval:
         try:
-            import service.predict  # noqa: F401 - the service's batch prediction must exist
+            import locus.service.predict  # noqa: F401 - the service's batch prediction must exist
         except ImportError as exc:
-            report["heldout"] = f"skipped: service.predict unavailable ({exc})"
+            report["heldout"] = f"skipped: locus.service.predict unavailable ({exc})"
         else:
             metrics = evaluate_heldout(out, heldout_dir, work, args.segmenter, progress)
             record_heldout(out, metrics)

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.metric import IOU_THRESHOLD, evaluate_folder
+from locus.service.metric import IOU_THRESHOLD, evaluate_folder
 
 __all__ = ["configure_parser", "run"]
 

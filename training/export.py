@@ -4,8 +4,8 @@
 
 * ``model.onnx``: input ``image`` float32 (N, S, S, 4) 0-255, output
   ``probabilities`` float32 (N, 19), dynamic batch (tf2onnx, opset 17);
-* ``grad.onnx`` (when :mod:`training.grad_export` is available and asked for);
-* ``manifest.json`` (:class:`service.manifest.Manifest`);
+* ``grad.onnx`` (when :mod:`locus.training.grad_export` is available and asked for);
+* ``manifest.json`` (:class:`locus.service.manifest.Manifest`);
 * ``MODEL_CARD.md``.
 
 Keras and ONNX Runtime must agree on real crops within ``1e-4`` (max abs
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from service.classes import CHANNELS, CLASS_NAMES, NUM_CLASSES
-from service.manifest import MANIFEST_NAME, CropSpec, GradSpec, Manifest, load_manifest, sha256_file
+from locus.service.classes import CHANNELS, CLASS_NAMES, NUM_CLASSES
+from locus.service.manifest import MANIFEST_NAME, CropSpec, GradSpec, Manifest, load_manifest, sha256_file
 
 __all__ = [
     "ExportError",
@@ -329,7 +329,7 @@ def export_model_folder(
     parity_batch : numpy.ndarray
         (N, S, S, 4) real crops for the Keras/ONNX parity check.
     with_grad : bool
-        Also export ``grad.onnx`` when :mod:`training.grad_export` is importable.
+        Also export ``grad.onnx`` when :mod:`locus.training.grad_export` is importable.
     name, version : str, optional
         Manifest name and version (default from the config).
     grad_batch : int, optional
@@ -340,14 +340,14 @@ def export_model_folder(
     Returns
     -------
     Manifest
-        The manifest as re-read by :func:`service.manifest.load_manifest`.
+        The manifest as re-read by :func:`locus.service.manifest.load_manifest`.
 
     Raises
     ------
     ExportError
         Conversion, parity or manifest validation failed.
     """
-    from training.config import TrainConfig
+    from locus.training.config import TrainConfig
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.model_validate(config or {})
     out = Path(out_dir)
@@ -367,9 +367,9 @@ def export_model_folder(
         stale.unlink()
     if with_grad:
         try:
-            from training.grad_export import export_grad_model
+            from locus.training.grad_export import export_grad_model
         except ImportError as exc:
-            logger.warning("grad.onnx not exported: training.grad_export unavailable (%s)", exc)
+            logger.warning("grad.onnx not exported: locus.training.grad_export unavailable (%s)", exc)
             summary["grad"] = f"not exported: {exc}"
         else:
             info = export_grad_model(model, out / "grad.onnx", grad_batch or cfg.grad_batch, parity_images=parity_batch)
@@ -457,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
     """
     import keras
 
-    from training.config import load_config
+    from locus.training.config import load_config
 
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():

@@ -12,7 +12,7 @@ and outputs
 * ``probabilities``: ``float32`` (B, 19), the sigmoid outputs ``p``.
 
 With one-hot ``weights`` the gradient of each sample is the gradient of one class
-probability; the service (:mod:`service.attribution`) interpolates and averages in numpy.
+probability; the service (:mod:`locus.service.attribution`) interpolates and averages in numpy.
 
 ``tf.GradientTape`` inside a ``tf.function`` does not convert with tf2onnx as is:
 the backward graph holds ``SigmoidGrad``, ``ShapeN`` and
@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from service.classes import NUM_CLASSES
+from locus.service.classes import NUM_CLASSES
 
 __all__ = ["GradExportError", "export_grad_model", "gradient_parity", "CUSTOM_OP_HANDLERS", "GRAD_FILE"]
 
@@ -343,7 +343,7 @@ def export_grad_model(
     dict
         The manifest entry ``{"file": "grad.onnx", "batch": B, "inputs": ["image", "weights"],
         "outputs": ["gradients", "probabilities"]}`` plus ``"parity"`` (see :func:`gradient_parity`),
-        which is not part of :class:`service.manifest.GradSpec`: drop it (or keep it in the
+        which is not part of :class:`locus.service.manifest.GradSpec`: drop it (or keep it in the
         manifest's ``training`` section) when writing the manifest.
 
     Raises

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.classes import NUM_CLASSES
+from locus.service.classes import NUM_CLASSES
 
 __all__ = ["ARCHITECTURES", "build_model", "build_backbone", "load_imagenet_stem", "default_input_size"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.classes import CLASS_NAMES, NUM_CLASSES
+from locus.service.classes import CLASS_NAMES, NUM_CLASSES
 
 __all__ = [
     "plot_label_distribution",

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from service.classes import CLASS_NAMES, NUM_CLASSES
-from training.config import TrainConfig, load_config
+from locus.service.classes import CLASS_NAMES, NUM_CLASSES
+from locus.training.config import TrainConfig, load_config
 
 __all__ = ["TrainResult", "train", "configure_parser", "run", "config_from_args"]
 
@@ -135,9 +135,9 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     """
     import keras
 
-    from training.dataset import build_crops, make_tf_dataset, split_by_image
-    from training.model import build_model
-    from training.thresholds import mean_ap, per_class_ap, tune_thresholds
+    from locus.training.dataset import build_crops, make_tf_dataset, split_by_image
+    from locus.training.model import build_model
+    from locus.training.thresholds import mean_ap, per_class_ap, tune_thresholds
 
     t0 = time.time()
     run_dir = Path(config.out)
@@ -251,12 +251,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     np.save(run_dir / "parity_batch.npy", parity)
     model.save(run_dir / "final.keras")
     if config.plots:
-        from training.plots import write_all
+        from locus.training.plots import write_all
 
         write_all(run_dir / "plots", crops.labels, crops.image_labels, history, aps)
     result = TrainResult(model, run_dir, history, thresholds, aps, summary)
     if config.export:
-        from training.export import export_model_folder
+        from locus.training.export import export_model_folder
 
         result.model_dir = run_dir / "model"
         result.manifest = export_model_folder(

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from service.api.deps import StateDep, require_api_key
-from service.api.schemas import ClassifyResponse, KaggleResponse
-from service.classes import CHANNELS, NUM_CLASSES
-from service.errors import ERROR_RESPONSES, ApiError
-from service.imaging import decode_channel, stack_channels
-from service.pipeline import ClassifyOptions
-from service.response import field_json
-from service.state import ServiceState
+from locus.service.api.deps import StateDep, require_api_key
+from locus.service.classes import CHANNELS, NUM_CLASSES
+from locus.service.errors import ERROR_RESPONSES, ApiError
+from locus.service.pipeline import ClassifyOptions
+from locus.service.schemas import ClassifyResponse, KaggleResponse
+from locus.service.state import ServiceState
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
 
@@ -79,37 +75,6 @@ async def _check_form(request: Request) -> None:
             raise ApiError(422, "not_a_file", f"{c}: must be a file upload (multipart file part), not a text value", c)
 
 
-def _classify_sync(
-    state: ServiceState, blobs: dict[str, bytes], options: ClassifyOptions, request_id: str, output: str, image_id: str
-) -> dict:
-    t0 = time.perf_counter()
-    settings = state.settings
-    channels = {c: decode_channel(blobs[c], field=c, max_pixels=settings.max_image_pixels) for c in CHANNELS}
-    image = stack_channels(channels)
-    decode_ms = (time.perf_counter() - t0) * 1e3
-    result = state.pipeline.run(image, options)
-    result.timings_ms = {"decode": decode_ms, **result.timings_ms}
-    if output == "kaggle":
-        return {
-            "ID": image_id,
-            "ImageWidth": result.width,
-            "ImageHeight": result.height,
-            "PredictionString": result.prediction_string(),
-        }
-    m = state.classifier.manifest
-    body = field_json(
-        result,
-        options,
-        model_name=m.name,
-        model_version=m.version,
-        segmenter=state.segmenter_name,
-        provider=state.classifier.provider.primary,
-        request_id=request_id,
-    )
-    body["timings_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 2)
-    return body
-
-
 @router.post(
     "/classify",
     response_model=ClassifyResponse | KaggleResponse,
@@ -146,7 +111,7 @@ async def classify(
         int | None, Query(ge=2, description="Integrated-gradient steps (default from settings)")
     ] = None,
     ig_baseline: Annotated[Literal["black", "blur"], Query(description="Integrated-gradient baseline")] = "black",
-) -> dict:
+) -> ClassifyResponse | KaggleResponse:
     """Segment the four-channel field, classify every cell into the 19 HPA classes, and answer per cell.
 
     Each channel is a multipart file part: ``red`` (microtubules), ``green`` (protein),
@@ -156,8 +121,41 @@ async def classify(
     field summary per class and stage timings. ``output=kaggle`` answers one
     competition submission row instead.
     """
-    settings = state.settings
     await _check_form(request)
+    options = _options(
+        state,
+        threshold=threshold,
+        include_masks=include_masks,
+        include_scores=include_scores,
+        attributions=attributions,
+        attribution_classes=attribution_classes,
+        ig_steps=ig_steps,
+        ig_baseline=ig_baseline,
+    )
+    state.admit()
+    try:
+        uploads = {"red": red, "green": green, "blue": blue, "yellow": yellow}
+        blobs = {c: await _read_upload(uploads[c], c, state.settings.max_upload_bytes) for c in CHANNELS}
+    except BaseException:
+        state.admission.leave()
+        raise
+    rid = getattr(request.state, "request_id", "")
+    return await state.classify(blobs, options, request_id=rid, output=output, image_id=image_id)
+
+
+def _options(
+    state: ServiceState,
+    *,
+    threshold: float | None,
+    include_masks: bool,
+    include_scores: bool,
+    attributions: bool,
+    attribution_classes: str | None,
+    ig_steps: int | None,
+    ig_baseline: str,
+) -> ClassifyOptions:
+    """The request's options, checked against what this model and these settings allow."""
+    settings = state.settings
     classes = _parse_classes(attribution_classes)
     steps = ig_steps or settings.ig_steps
     if attributions:
@@ -176,7 +174,7 @@ async def classify(
                 f"ig_steps: {steps} is over the maximum of {settings.ig_max_steps} (LOCUS_IG_MAX_STEPS)",
                 "ig_steps",
             )
-    options = ClassifyOptions(
+    return ClassifyOptions(
         threshold=threshold,
         include_masks=include_masks,
         include_scores=include_scores,
@@ -186,35 +184,3 @@ async def classify(
         ig_baseline=ig_baseline,
         ig_max_cells=settings.ig_max_cells,
     )
-    if not state.admission.try_enter():
-        request.app.state.metrics.rejected("overloaded")
-        raise ApiError(
-            503,
-            "overloaded",
-            f"the service is at capacity ({state.admission.capacity} requests in flight or queued); "
-            "retry after the Retry-After seconds",
-            headers={"Retry-After": "1"},
-        )
-    try:
-        uploads = {"red": red, "green": green, "blue": blue, "yellow": yellow}
-        blobs = {c: await _read_upload(uploads[c], c, settings.max_upload_bytes) for c in CHANNELS}
-    except BaseException:
-        state.admission.leave()
-        raise
-    rid = getattr(request.state, "request_id", "")
-    loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(state.executor, _classify_sync, state, blobs, options, rid, output, image_id)
-    # The slot is freed when the work really ends, also after a timeout (the thread cannot be killed).
-    fut.add_done_callback(lambda _f: state.admission.leave())
-    try:
-        body = await asyncio.wait_for(asyncio.shield(fut), timeout=settings.request_timeout_s)
-    except TimeoutError as exc:
-        request.app.state.metrics.rejected("timeout")
-        raise ApiError(
-            504,
-            "timeout",
-            f"classification ran past the limit of {settings.request_timeout_s:g} s "
-            "(LOCUS_REQUEST_TIMEOUT_S); send a smaller field or fewer attribution steps",
-        ) from exc
-    request.app.state.metrics.observe_field(body)
-    return body

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import ApiError
-from service.state import ServiceState
+from locus.service.errors import ApiError
+from locus.service.state import ServiceState
 
-__all__ = ["get_state", "StateDep", "require_api_key", "check_authorization"]
+__all__ = ["get_state", "StateDep", "require_api_key"]
 
 _bearer = HTTPBearer(auto_error=False, description="API key, when the service has keys configured")
 
@@ -30,66 +29,9 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def key_is_valid(given: str, keys: list[bytes]) -> bool:
-    """Whether ``given`` is one of ``keys``, compared in constant time against every key.
+def require_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """Declare the bearer scheme of a route in the OpenAPI schema.
 
-    Parameters
-    ----------
-    given : str
-        The key the client sent.
-    keys : list of bytes
-        Accepted keys.
-
-    Returns
-    -------
-    bool
-        True when it matches one of them.
+    The key itself is checked once, for every path, by
+    :class:`locus.service.middleware.ApiKeyMiddleware` before any route runs.
     """
-    raw = given.encode("utf-8", "surrogateescape")
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(raw, key)
-    return ok
-
-
-def check_authorization(header: str | None, keys: list[bytes]) -> str | None:
-    """Check an ``Authorization`` header value against the accepted keys.
-
-    Parameters
-    ----------
-    header : str or None
-        The header's value (``"Bearer <key>"``).
-    keys : list of bytes
-        Accepted keys; empty means authentication is off.
-
-    Returns
-    -------
-    str or None
-        None when the request may pass, else the message of the 401 answer (it never contains the key).
-    """
-    if not keys:
-        return None
-    scheme, _, token = (header or "").strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        return "this service needs an API key: send 'Authorization: Bearer <key>'"
-    if not key_is_valid(token, keys):
-        return "the API key is not valid"
-    return None
-
-
-def require_api_key(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """Refuse the request with 401 unless it carries a valid key (when keys are configured).
-
-    The app's :class:`service.middleware.ApiKeyMiddleware` already guards every
-    route; this dependency declares the bearer scheme in the OpenAPI schema and
-    checks again. Keys are compared in constant time and never logged.
-    """
-    keys: list[bytes] = getattr(request.app.state, "api_keys", [])
-    header = f"{credentials.scheme} {credentials.credentials}" if credentials is not None else None
-    problem = check_authorization(header, keys)
-    if problem is not None:
-        raise ApiError(401, "unauthorized", problem, headers={"WWW-Authenticate": "Bearer"})

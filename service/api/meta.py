@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from service.api.deps import StateDep, require_api_key
-from service.api.schemas import ErrorResponse, HealthResponse, ModelInfo, ReadyResponse
-from service.classes import CHANNELS, CLASS_NAMES
+from locus.service.api.deps import StateDep, require_api_key
+from locus.service.classes import CHANNELS, CLASS_NAMES
+from locus.service.schemas import ErrorResponse, HealthResponse, ModelInfo, ReadyResponse
 
 router = APIRouter(tags=["meta"])
 

@@ -9,8 +9,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 
-from service.api.deps import require_api_key
-from service.api.schemas import ErrorResponse
+from locus.service.api.deps import require_api_key
+from locus.service.schemas import ErrorResponse
 
 __all__ = ["router", "instrument"]
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import importlib
 
-from service.segmentation.base import SegmentationError, Segmenter
+from locus.service.segmentation.base import SegmentationError, Segmenter
 
 __all__ = ["BACKENDS", "Segmenter", "SegmentationError", "make_segmenter", "backend_names"]
 
 #: Registry: backend name -> ``"module:Class"``; the class is built as ``Class(**options)``.
 BACKENDS: dict[str, str] = {
-    "classical": "service.segmentation.classical:ClassicalSegmenter",
-    "hpa": "service.segmentation.hpa:HpaSegmenter",
-    "hpacellseg": "service.segmentation.hpacellseg_backend:HpaCellSegSegmenter",
+    "classical": "locus.service.segmentation.classical:ClassicalSegmenter",
+    "hpa": "locus.service.segmentation.hpa:HpaSegmenter",
+    "hpacellseg": "locus.service.segmentation.hpacellseg_backend:HpaCellSegSegmenter",
 }
 
 

@@ -8,7 +8,7 @@ A segmenter turns one field of view into two label images at full resolution:
 
 The input is an (H, W, 4) array in R, G, B, Y order (microtubules, protein,
 nucleus, ER), ``uint8`` or ``uint16``, as built by
-:func:`service.imaging.stack_channels`.
+:func:`locus.service.imaging.stack_channels`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ a second.
 
 Steps
 -----
-1. Each channel is brought to 0-255 (:func:`service.imaging.to_unit255`) and
+1. Each channel is brought to 0-255 (:func:`locus.service.imaging.to_unit255`) and
    normalised by its low and high percentiles; a channel with almost no contrast
    counts as empty.
 2. Nuclei: the blue channel is smoothed and thresholded (Otsu on ``log1p(100 x)``,
@@ -31,7 +31,7 @@ Steps
    renumbered ``1..n`` with nucleus ``k`` inside cell ``k``.
 
 Cells cut by the image border are kept, as in the ground truth of the HPA
-single-cell competition; :class:`service.cells.CellRecord` flags them
+single-cell competition; :class:`locus.service.cells.CellRecord` flags them
 (``touches_border``) for callers that want to drop them.
 
 Sizes scale with the field: a length of ``L`` pixels "at reference" means
@@ -51,8 +51,8 @@ from scipy import ndimage
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-from service.imaging import to_unit255
-from service.segmentation.base import check_field
+from locus.service.imaging import to_unit255
+from locus.service.segmentation.base import check_field
 
 __all__ = ["ClassicalConfig", "ClassicalSegmenter", "fill_holes", "normalise_channel", "otsu_threshold"]
 
@@ -280,7 +280,7 @@ class ClassicalSegmenter:
 
     Examples
     --------
-    >>> from service.segmentation import make_segmenter
+    >>> from locus.service.segmentation import make_segmenter
     >>> seg = make_segmenter("classical", work_side=512)
     >>> cells, nuclei = seg.segment(image)  # doctest: +SKIP
     """

@@ -16,8 +16,8 @@ Per field:
 2. Both networks run, each on a batch of fields: :meth:`HpaSegmenter.segment_many`
    batches the fields it is given, and :meth:`HpaSegmenter.segment`, called by
    concurrent requests, shares network batches across requests through one
-   :class:`~service.batcher.DynamicBatcher` per network and input shape.
-3. The padding is cropped off and :func:`~service.segmentation.hpa_postprocess.label_cell`
+   :class:`~locus.service.batcher.DynamicBatcher` per network and input shape.
+3. The padding is cropped off and :func:`~locus.service.segmentation.hpa_postprocess.label_cell`
    labels nuclei and cells at the reduced scale (HPA's thresholds scaled by
    area); the labels are brought back to full size (nearest neighbour).
 """
@@ -32,12 +32,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from service.batcher import DynamicBatcher
-from service.imaging import to_unit255
-from service.inference import ProviderReport, create_session
-from service.manifest import ModelFolderError
-from service.segmentation.base import SegmentationError, check_field
-from service.segmentation.hpa_postprocess import HpaPostprocessConfig, label_cell
+from locus.service.batcher import DynamicBatcher
+from locus.service.imaging import to_unit255
+from locus.service.inference import ProviderReport, create_session
+from locus.service.manifest import ModelFolderError
+from locus.service.segmentation.base import SegmentationError, check_field
+from locus.service.segmentation.hpa_postprocess import HpaPostprocessConfig, label_cell
 
 __all__ = [
     "HPA_MEAN",

@@ -369,7 +369,7 @@ def label_cell(
     Notes
     -----
     The order of the returned pair, (nuclei, cells), follows HPA's ``label_cell``;
-    the :class:`~service.segmentation.base.Segmenter` contract returns (cells, nuclei).
+    the :class:`~locus.service.segmentation.base.Segmenter` contract returns (cells, nuclei).
 
     Examples
     --------

@@ -14,7 +14,7 @@ on current libraries:
 * 1728² fields fail without padding: ``padding=True`` always.
 
 The package's probability maps are post-processed by this project's
-:func:`~service.segmentation.hpa_postprocess.label_cell` at ``scale_factor``
+:func:`~locus.service.segmentation.hpa_postprocess.label_cell` at ``scale_factor``
 (so both HPA backends label alike); ``postprocess="hpacellseg"`` uses the
 package's own ``utils.label_cell`` at full resolution instead.
 
@@ -36,10 +36,10 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from service.imaging import to_unit255
-from service.segmentation.base import SegmentationError, check_field
-from service.segmentation.hpa_postprocess import HpaPostprocessConfig, label_cell
-from service.settings import REPO_MODELS
+from locus.service.imaging import to_unit255
+from locus.service.segmentation.base import SegmentationError, check_field
+from locus.service.segmentation.hpa_postprocess import HpaPostprocessConfig, label_cell
+from locus.service.settings import REPO_MODELS
 
 __all__ = ["HpaCellSegSegmenter", "INSTALL_HINT", "relabel_pair"]
 

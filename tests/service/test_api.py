@@ -12,12 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pycocotools import mask as mask_utils
 
-from service.app import create_app
-from service.classes import CHANNELS, CLASS_NAMES
-from service.encoding import parse_prediction_string
-from service.imaging import stack_channels
-from service.segmentation import make_segmenter
-from service.settings import Settings
+from locus.service.app import create_app
+from locus.service.classes import CHANNELS, CLASS_NAMES
+from locus.service.encoding import parse_prediction_string
+from locus.service.imaging import stack_channels
+from locus.service.segmentation import make_segmenter
+from locus.service.settings import Settings
 from tests.conftest import png_bytes
 
 
@@ -236,7 +236,7 @@ def test_docs_work_offline(client):
 
 def test_stack_matches_upload(synthetic_field):
     # the multipart upload decodes to exactly the field the client had
-    from service.imaging import decode_channel
+    from locus.service.imaging import decode_channel
 
     chans = {c: decode_channel(png_bytes(synthetic_field[:, :, k]), field=c) for k, c in enumerate(CHANNELS)}
     assert np.array_equal(stack_channels(chans), synthetic_field)

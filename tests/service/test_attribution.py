@@ -1,8 +1,8 @@
-"""Tests for :mod:`service.attribution` (integrated gradients through ``grad.onnx``).
+"""Tests for :mod:`locus.service.attribution` (integrated gradients through ``grad.onnx``).
 
 The TensorFlow-free tests use a hand-built ONNX gradient model (linear logits + sigmoid,
 analytic gradient) whose integrated gradients have a closed form. The ``train`` tests export
-a real EfficientNet-B0 (32 px) with :mod:`training.grad_export` and compare against a
+a real EfficientNet-B0 (32 px) with :mod:`locus.training.grad_export` and compare against a
 ``tf.GradientTape`` reference.
 """
 
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from service.attribution import (
+from locus.service.attribution import (
     DEFAULT_STEPS,
     ENCODING,
     decode_map,
@@ -24,8 +24,8 @@ from service.attribution import (
     make_baseline,
     map_to_box,
 )
-from service.classes import NUM_CLASSES
-from service.crop import CropRule, square_window
+from locus.service.classes import NUM_CLASSES
+from locus.service.crop import CropRule, square_window
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None and importlib.util.find_spec("tf2onnx") is not None
 
@@ -207,13 +207,13 @@ def test_map_to_box_places_values():
 
 
 def test_attribution_does_not_import_tensorflow():
-    code = "import sys, service.attribution; assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    code = "import sys, locus.service.attribution; assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Real EfficientNet-B0 through training.grad_export vs a tf.GradientTape reference.
+# Real EfficientNet-B0 through locus.training.grad_export vs a tf.GradientTape reference.
 # --------------------------------------------------------------------------------------------------------------------
 
 SIZE = 32
@@ -251,7 +251,7 @@ def _conditioned_effnet(size: int, seed: int = 0):
 def effnet(tmp_path_factory):
     if not HAS_TF:
         pytest.skip("tensorflow / tf2onnx not installed")
-    from training.grad_export import export_grad_model
+    from locus.training.grad_export import export_grad_model
 
     model = _conditioned_effnet(SIZE)
     path = tmp_path_factory.mktemp("effnet") / "grad.onnx"
@@ -305,5 +305,4 @@ def test_effnet_completeness_at_default_steps(effnet):
     errs = [m.completeness_rel for maps in res for m in maps]
     print("completeness (relative) at default steps:", [f"{e:.2e}" for e in errs])
     assert max(errs) < 0.05
-    d = res[0][0].to_dict()
-    assert d["map"]["shape"] == [SIZE, SIZE] and d["steps"] == DEFAULT_STEPS
+    assert res[0][0].attribution.shape[:2] == (SIZE, SIZE) and res[0][0].steps == DEFAULT_STEPS

@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.routing import Mount, Route
 
-from service.app import create_app
-from service.classes import CHANNELS
-from service.middleware import OPEN_PATHS
-from service.settings import Settings
+from locus.service.app import create_app
+from locus.service.classes import CHANNELS
+from locus.service.middleware import OPEN_PATHS
+from locus.service.settings import Settings
 from tests.conftest import png_bytes
 from tests.service.test_hostile_input import serve
 

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batcher import DynamicBatcher
-from service.inference import Classifier
+from locus.service.batcher import DynamicBatcher
+from locus.service.inference import Classifier
 
 
 def test_each_request_gets_its_own_cells_under_concurrency(test_model_dir):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.cells import CellRecord, cell_records
+from locus.service.cells import CellRecord, cell_records
 
 
 def test_records_by_hand() -> None:

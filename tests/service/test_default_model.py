@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.attribution import decode_map
-from service.classes import CHANNELS, NEGATIVE
-from service.manifest import load_manifest
-from service.settings import DEFAULT_MODEL_DIR, Settings
+from locus.service.app import create_app
+from locus.service.attribution import decode_map
+from locus.service.classes import CHANNELS, NEGATIVE
+from locus.service.manifest import load_manifest
+from locus.service.settings import DEFAULT_MODEL_DIR, Settings
+from locus.training.sim.generator import SimConfig, generate_field
 from tests.conftest import png_bytes
-from training.sim.generator import SimConfig, generate_field
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "manifest.json").is_file(), reason=f"default model not present at {DEFAULT_MODEL_DIR}"

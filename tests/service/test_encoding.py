@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from service.encoding import (
+from locus.service.encoding import (
     decode_binary_mask,
     decode_mask_coco,
     encode_binary_mask,

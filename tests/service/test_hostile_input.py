@@ -38,9 +38,9 @@ import tifffile
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.classes import CHANNELS
-from service.settings import Settings
+from locus.service.app import create_app
+from locus.service.classes import CHANNELS
+from locus.service.settings import Settings
 from tests.conftest import png_bytes
 
 MAX_UPLOAD = 2_000_000
@@ -414,7 +414,7 @@ def serve(model_dir: Path, log_path: Path | None = None, **env: str) -> Iterator
     }
     sink = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"], env=environment, stdout=sink, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "locus.cli", "serve"], env=environment, stdout=sink, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -24,8 +24,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.segmentation import SegmentationError, make_segmenter
-from service.segmentation.hpa import (
+from locus.service.metric import segmentation_scores
+from locus.service.segmentation import SegmentationError, make_segmenter
+from locus.service.segmentation.hpa import (
     HPA_MEAN,
     HPA_STD,
     HpaSegmenter,
@@ -33,9 +34,8 @@ from service.segmentation.hpa import (
     missing_weights_message,
     pad_to_multiple,
 )
-from service.segmentation.hpa_postprocess import HpaPostprocessConfig, fill_label_holes, label_cell
-from training.metric import segmentation_scores
-from training.sim.generator import SimConfig, generate_field
+from locus.service.segmentation.hpa_postprocess import HpaPostprocessConfig, fill_label_holes, label_cell
+from locus.training.sim.generator import SimConfig, generate_field
 
 HAS_HPACELLSEG = importlib.util.find_spec("hpacellseg") is not None
 
@@ -175,16 +175,16 @@ def test_broken_network_file_is_a_segmentation_error(tmp_path: Path) -> None:
 
 
 def test_state_falls_back_to_classical_only_when_asked(test_model_dir: Path, monkeypatch) -> None:
-    from service.settings import Settings
-    from service.state import load_state
+    from locus.service.settings import Settings
+    from locus.service.state import load_state
 
     for var in ("LOCUS_HPA_NUCLEI_MODEL", "LOCUS_HPA_CELL_MODEL"):
         monkeypatch.delenv(var, raising=False)
     base = dict(model_dir=test_model_dir, providers=["CPUExecutionProvider"], segmenter="hpa")
     state = load_state(Settings(**base, segmenter_fallback=True))
     try:
-        assert state.segmenter_name == "classical"
-        assert state.segmenter.name == "classical"
+        assert state.pipeline.segmenter.name == "classical"
+        assert state.pipeline.segmenter.name == "classical"
     finally:
         state.close()
     with pytest.raises(SegmentationError, match="locus hpa-export"):
@@ -436,7 +436,7 @@ def test_hpacellseg_workarounds_with_a_fake_package(monkeypatch, field_1000x1728
     monkeypatch.setitem(sys.modules, "hpacellseg", pkg)
     monkeypatch.setitem(sys.modules, "hpacellseg.cellsegmentator", mod)
 
-    from service.segmentation.hpacellseg_backend import HpaCellSegSegmenter
+    from locus.service.segmentation.hpacellseg_backend import HpaCellSegSegmenter
 
     seg = HpaCellSegSegmenter(nuclei_model="n.pth", cell_model="c.pth", device="cpu")
     assert seen["padding"] is True and seen["device"] == "cpu" and seen["nuclei_model"] == "n.pth"

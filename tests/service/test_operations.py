@@ -15,10 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
-from service.app import create_app
-from service.classes import CHANNELS
-from service.manifest import sha256_file
-from service.settings import Settings
+from locus.service.app import create_app
+from locus.service.classes import CHANNELS
+from locus.service.manifest import sha256_file
+from locus.service.settings import Settings
 from tests.conftest import png_bytes
 from tests.modelfolder import write_model_folder
 from tests.service.test_hostile_input import serve

@@ -1,4 +1,4 @@
-"""Tests for :mod:`service.overlay`: rendering, PNG output and the ``locus overlay`` subcommand."""
+"""Tests for :mod:`locus.service.overlay`: rendering, PNG output and the ``locus overlay`` subcommand."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from service.classes import CHANNELS, NUM_CLASSES
-from service.crop import cell_boxes
-from service.manifest import sha256_file
-from service.overlay import composite, configure_parser, render_overlay, run, save_png
+from locus.service.classes import CHANNELS, NUM_CLASSES
+from locus.service.crop import cell_boxes
+from locus.service.manifest import sha256_file
+from locus.service.overlay import composite, configure_parser, render_overlay, run, save_png
 
 
 def _field(h: int = 600, w: int = 800, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +223,7 @@ def test_cli_overlay_errors(model_with_grad, field_dir, tmp_path, capsys):
 
 
 def test_locus_cli_dispatches_overlay(model_with_grad, field_dir, tmp_path):
-    from service.cli import main
+    from cli import main
 
     out = tmp_path / "cli.png"
     assert main(["overlay", "--field", str(field_dir), "F1", "--model", str(model_with_grad), "--out", str(out)]) == 0

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from training.sim.generator import SimConfig, write_dataset
-from training.submission import read_submission
+from locus.service.submission import read_submission
+from locus.training.sim.generator import SimConfig, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def sim_folder(tmp_path_factory):
 
 
 def _locus(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "locus.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_predict_writes_submission_resumes_and_scores(sim_folder, test_model_dir, tmp_path):

@@ -19,8 +19,8 @@ from pathlib import Path
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 
-from service.app import create_app
-from service.settings import Settings
+from locus.service.app import create_app
+from locus.service.settings import Settings
 from tests.modelfolder import write_model_folder
 
 KEY = "schemathesis-key-0123456789"

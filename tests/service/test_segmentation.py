@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from service.segmentation import SegmentationError, Segmenter, backend_names, make_segmenter
-from service.segmentation.classical import ClassicalConfig, ClassicalSegmenter
+from locus.service.segmentation import SegmentationError, Segmenter, backend_names, make_segmenter
+from locus.service.segmentation.classical import ClassicalConfig, ClassicalSegmenter
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 SAMPLE = SHARED / "hpa-samples"
@@ -231,7 +231,7 @@ def test_small_field_is_not_upscaled(seg) -> None:
 # ----------------------------------------------------------------------------- HPA-sim
 def _sim():
     try:
-        from training.sim.generator import SimConfig, generate_field
+        from locus.training.sim.generator import SimConfig, generate_field
     except ImportError as exc:  # pragma: no cover - depends on the generator being present
         pytest.skip(f"HPA-sim generator not importable: {exc}")
     return SimConfig, generate_field
@@ -255,7 +255,7 @@ def test_quality_on_hpa_sim(seg) -> None:
 # ----------------------------------------------------------------------------- real sample
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real HPA sample folder {SAMPLE} is absent")
 def test_real_sample(seg) -> None:
-    from service.imaging import decode_channel, stack_channels
+    from locus.service.imaging import decode_channel, stack_channels
 
     channels = {}
     for c in ("red", "green", "blue", "yellow"):

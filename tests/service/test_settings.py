@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.settings import Settings
+from locus.service.settings import Settings
 
 
 def test_hpa_network_files_from_the_environment_reach_the_segmenter_options(monkeypatch):

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.classes import CHANNELS
+from locus.service.classes import CHANNELS
 from tests.conftest import png_bytes
 
 
@@ -34,7 +34,7 @@ def _start(model_dir: Path, port: int, **env: str) -> subprocess.Popen:
         **env,
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
+        [sys.executable, "-m", "locus.cli", "serve"],
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cells import cell_records
-from service.crop import crop_cells
-from service.manifest import CropSpec
-from service.segmentation import make_segmenter
-from training.config import TrainConfig
-from training.dataset import build_crops, split_by_image
-from training.hpa_data import find_fields, load_field, load_truth, read_cell_labels
-from training.sim.generator import SimConfig, write_dataset
+from locus.service.cells import cell_records
+from locus.service.crop import crop_cells
+from locus.service.manifest import CropSpec
+from locus.service.readers import find_fields, load_field, load_truth, read_cell_labels
+from locus.service.segmentation import make_segmenter
+from locus.training.config import TrainConfig
+from locus.training.dataset import build_crops, split_by_image
+from locus.training.sim.generator import SimConfig, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_segmenter_crops_identical_to_service_pipeline(sim_dir, tmp_path):
     refs = find_fields(sim_dir)
     for ref in refs:
         image = load_field(ref)
-        cells, _ = seg.segment(image)  # what service.pipeline.Pipeline.run does
+        cells, _ = seg.segment(image)  # what locus.service.pipeline.Pipeline.run does
         ids = [r.id for r in cell_records(cells)]
         _, expected = crop_cells(image, cells, rule, ids)
         sel = crops.fields == ref.id

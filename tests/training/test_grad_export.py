@@ -1,4 +1,4 @@
-"""Tests for :mod:`training.grad_export`: ``grad.onnx`` with the custom tf2onnx handlers."""
+"""Tests for :mod:`locus.training.grad_export`: ``grad.onnx`` with the custom tf2onnx handlers."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ pytest.importorskip("tf2onnx")
 
 import keras  # noqa: E402
 
-from service.classes import NUM_CLASSES  # noqa: E402
-from service.manifest import GradSpec  # noqa: E402
-from training import grad_export  # noqa: E402
-from training.grad_export import GradExportError, export_grad_model  # noqa: E402
+from locus.service.classes import NUM_CLASSES  # noqa: E402
+from locus.service.manifest import GradSpec  # noqa: E402
+from locus.training import grad_export  # noqa: E402
+from locus.training.grad_export import GradExportError, export_grad_model  # noqa: E402
 
 pytestmark = pytest.mark.train
 

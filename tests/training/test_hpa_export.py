@@ -16,9 +16,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (the optional [hpa] extra); export not tested")
 nn = torch.nn
 
-from service.segmentation.hpa import HpaSegmenter  # noqa: E402
-from training import hpa_export  # noqa: E402
-from training.hpa_export import ExportError, check_parity, convert, export_network  # noqa: E402
+from locus.service.segmentation.hpa import HpaSegmenter  # noqa: E402
+from locus.training import hpa_export  # noqa: E402
+from locus.training.hpa_export import ExportError, check_parity, convert, export_network  # noqa: E402
 
 
 class TinyUNet(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from training.model import build_backbone, build_model, load_imagenet_stem  # noqa: E402
+from locus.training.model import build_backbone, build_model, load_imagenet_stem  # noqa: E402
 
 pytestmark = pytest.mark.train
 

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from service.classes import NUM_CLASSES, parse_label
-from service.imaging import load_field
-from training.sim.generator import SimConfig, SimField, field_id, generate_field, write_dataset
+from locus.service.classes import NUM_CLASSES, parse_label
+from locus.service.imaging import load_field
+from locus.training.sim.generator import SimConfig, SimField, field_id, generate_field, write_dataset
 
 SMALL = SimConfig(size=256)
 
@@ -106,7 +106,7 @@ def test_written_layout(tmp_path: Path):
 
 
 def test_cli_writes_layout(tmp_path: Path):
-    from service.cli import main
+    from cli import main
 
     out = tmp_path / "cli"
     rc = main(["sim", "--n", "2", "--size", "128", "--seed", "3", "--out", str(out), "--no-progress"])

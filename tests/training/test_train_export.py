@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.classes import CLASS_NAMES
-from service.manifest import load_manifest
-from training.config import TrainConfig, load_config
-from training.thresholds import average_precision, best_f1_threshold, tune_thresholds
+from locus.service.classes import CLASS_NAMES
+from locus.service.manifest import load_manifest
+from locus.training.config import TrainConfig, load_config
+from locus.training.thresholds import average_precision, best_f1_threshold, tune_thresholds
 
 SIZE = 32
 
@@ -39,8 +39,9 @@ def test_repo_configs_validate():
 
 
 def test_locus_train_parser_overrides(tmp_path):
-    from service.cli import build_parser
-    from training.train import config_from_args
+    from cli import build_parser
+
+    from locus.training.train import config_from_args
 
     argv = [
         "train",
@@ -63,12 +64,12 @@ def test_locus_train_parser_overrides(tmp_path):
 def test_locus_train_without_tensorflow_prints_install_hint(monkeypatch, capsys):
     import importlib
 
-    from service import cli
+    from locus.service import cli
 
     real = importlib.import_module
 
     def fake(name, *a, **k):
-        if name == "training.train":
+        if name == "locus.training.train":
             raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
         return real(name, *a, **k)
 
@@ -102,8 +103,8 @@ def test_thresholds_and_ap():
 def trained(tmp_path_factory):
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf2onnx")
-    from training.sim.generator import SimConfig, write_dataset
-    from training.train import train
+    from locus.training.sim.generator import SimConfig, write_dataset
+    from locus.training.train import train
 
     root = tmp_path_factory.mktemp("tiny")
     data = root / "sim"
@@ -143,7 +144,7 @@ def test_train_writes_run_folder(trained):
 def test_model_folder_validates_and_serves(trained):
     import onnxruntime as ort
 
-    from service.inference import Classifier
+    from locus.service.inference import Classifier
 
     config, result = trained
     folder = result.model_dir
@@ -171,7 +172,7 @@ def test_model_folder_validates_and_serves(trained):
 
 @pytest.mark.train
 def test_locus_export_cli(trained, tmp_path):
-    from service.cli import main
+    from cli import main
 
     config, _ = trained
     out = tmp_path / "exported"
@@ -197,7 +198,7 @@ def test_locus_export_cli(trained, tmp_path):
 
 @pytest.mark.train
 def test_parity_failure_raises_with_numbers(trained, tmp_path):
-    from training.export import ExportError, onnx_parity
+    from locus.training.export import ExportError, onnx_parity
 
     config, result = trained
     batch = np.load(Path(config.out) / "parity_batch.npy").astype(np.float32)[:4]

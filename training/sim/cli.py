@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from training.sim.generator import SimConfig, write_dataset
+from locus.training.sim.generator import SimConfig, write_dataset
 
 __all__ = ["configure_parser", "run"]
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from service.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES, format_label
-from training.sim.geometry import FieldGeometry, make_geometry
-from training.sim.patterns import (
+from locus.service.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES, format_label
+from locus.training.sim.geometry import FieldGeometry, make_geometry
+from locus.training.sim.patterns import (
     NUCLEAR_CLASSES,
     PATTERNS,
     PaintContext,

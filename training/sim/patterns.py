@@ -14,7 +14,7 @@ from functools import cached_property
 import cv2
 import numpy as np
 
-from training.sim.geometry import FieldGeometry, smooth_noise
+from locus.training.sim.geometry import FieldGeometry, smooth_noise
 
 __all__ = ["PaintContext", "PATTERNS", "NUCLEAR_CLASSES", "red_channel", "yellow_channel", "blue_channel"]
 

@@ -46,8 +46,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 
-from service.classes import CLASS_NAMES, NUM_CLASSES
-from service.encoding import encode_label_masks, kaggle_to_rle
+from locus.service.classes import CLASS_NAMES, NUM_CLASSES
+from locus.service.encoding import encode_label_masks, kaggle_to_rle
 
 __all__ = [
     "IOU_THRESHOLD",
@@ -317,7 +317,7 @@ def evaluate(
         confidence ties across images.
     predictions : mapping of str to sequence of (int, float, dict or str), or to SubmissionRow
         Per image ID, (class, confidence, mask) with the mask as COCO RLE or
-        Kaggle mask string; or :class:`training.submission.SubmissionRow`
+        Kaggle mask string; or :class:`locus.service.submission.SubmissionRow`
         objects (their width/height are checked against the truth).
     iou_threshold : float
         Match threshold (0.6 in the competition).
@@ -451,8 +451,8 @@ def evaluate_folder(
     -------
     MetricResult
     """
-    from training.hpa_data import load_truth, read_cell_labels, truth_ids
-    from training.submission import read_submission
+    from locus.service.readers import load_truth, read_cell_labels, truth_ids
+    from locus.service.submission import read_submission
 
     ids = truth_ids(truth_dir)
     if not ids:

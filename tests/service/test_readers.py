@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from service.classes import CHANNELS
-from training.hpa_data import (
+from locus.service.classes import CHANNELS
+from locus.service.readers import (
     IncompleteFieldError,
     find_fields,
     load_field,

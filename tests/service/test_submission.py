@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.encoding import encode_binary_mask
-from training.submission import SubmissionRow, SubmissionWriter, read_submission, write_submission
+from locus.service.encoding import encode_binary_mask
+from locus.service.submission import SubmissionRow, SubmissionWriter, read_submission, write_submission
 
 
 def _rows() -> list[SubmissionRow]:

@@ -1,4 +1,4 @@
-"""Response schemas of the HTTP API, with examples for ``/docs``."""
+"""The answer's schemas (HTTP API and ``locus predict --json-dir``), with examples for ``/docs``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ __all__ = [
     "KaggleResponse",
     "LabelOut",
     "MaskRLE",
+    "ImageInfo",
+    "ModelRef",
     "ModelInfo",
     "ReadyResponse",
 ]
@@ -65,7 +67,7 @@ class Attribution(BaseModel):
 
     class_id: int = Field(ge=0, le=18)
     name: str
-    bbox: list[int] = Field(description="[row0, col0, row1, col1] the map covers", examples=[[120, 310, 402, 598]])
+    bbox: BBox = Field(description="The box the map covers (the cell's bounding box)")
     map: AttributionMapData
     channel_totals: dict[str, float] = Field(
         description="Attribution summed per input channel (red, green, blue, yellow)",

@@ -7,7 +7,7 @@ Layouts (see docs/CONTRACTS.md)
   download puts the images in ``train/`` next to ``train.csv``; both the
   folder itself and its parent work as ``root``.
 * HPA website: ``{ID}_{red,green,blue,yellow}.jpg`` tinted colour JPEGs
-  (decoded by :func:`service.imaging.decode_channel`), usually without labels.
+  (decoded by :func:`locus.service.imaging.decode_channel`), usually without labels.
 * TIFF: ``.tif`` / ``.tiff``.
 * Locus ground truth (HPA-sim writes it): ``truth/{ID}_cells.png``,
   ``truth/{ID}_nuclei.png`` (uint16 label images) and ``truth/cells.csv``
@@ -26,8 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from service import imaging
-from service.classes import CHANNELS, parse_label
+from locus.service import imaging
+from locus.service.classes import CHANNELS, parse_label
 
 __all__ = [
     "EXTENSIONS",
@@ -251,7 +251,7 @@ def find_fields(
 
 
 def load_field(ref: FieldRef, max_pixels: int | None = None) -> np.ndarray:
-    """Read one field's four channels (via :func:`service.imaging.load_field`).
+    """Read one field's four channels (via :func:`locus.service.imaging.load_field`).
 
     Parameters
     ----------

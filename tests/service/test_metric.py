@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from service.encoding import encode_binary_mask, encode_mask_coco
-from training.metric import (
+from locus.service.encoding import encode_binary_mask, encode_mask_coco
+from locus.service.metric import (
     average_precision,
     evaluate,
     match_image,
@@ -338,7 +338,7 @@ def test_locus_eval_cli(tmp_path):
     import json
     import subprocess
 
-    from training.submission import SubmissionRow, write_submission
+    from locus.service.submission import SubmissionRow, write_submission
 
     fields = _tiny_dataset(tmp_path)
     rows = []

@@ -14,19 +14,23 @@ from collections.abc import Sequence
 
 #: subcommand -> (module, one-line help, extra needed when the module's imports fail)
 SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {
-    "serve": ("service.serve", "start the HTTP service (uvicorn)", None),
-    "predict": ("service.predict", "classify every field of a folder in-process and write a submission CSV", None),
-    "sim": ("training.sim.cli", "generate HPA-sim fields of view with per-cell ground truth", None),
-    "eval": ("training.evaluate", "score a submission CSV against ground truth (competition mAP)", None),
-    "train": ("training.train", "train the 4-channel EfficientNet on per-cell crops", "train"),
-    "export": ("training.export", "export a trained Keras model to a model folder (ONNX)", "train"),
+    "serve": ("locus.service.serve", "start the HTTP service (uvicorn)", None),
+    "predict": (
+        "locus.service.predict",
+        "classify every field of a folder in-process and write a submission CSV",
+        None,
+    ),
+    "sim": ("locus.training.sim.cli", "generate HPA-sim fields of view with per-cell ground truth", None),
+    "eval": ("locus.training.evaluate", "score a submission CSV against ground truth (competition mAP)", None),
+    "train": ("locus.training.train", "train the 4-channel EfficientNet on per-cell crops", "train"),
+    "export": ("locus.training.export", "export a trained Keras model to a model folder (ONNX)", "train"),
     "default-model": (
-        "training.default_model",
+        "locus.training.default_model",
         "generate HPA-sim, train, export and evaluate the default model",
         "train",
     ),
-    "overlay": ("service.overlay", "render a field with cell outlines, labels and IG heatmaps as PNG", None),
-    "hpa-export": ("training.hpa_export", "convert the official HPA segmentation weights to ONNX", "hpa"),
+    "overlay": ("locus.service.overlay", "render a field with cell outlines, labels and IG heatmaps as PNG", None),
+    "hpa-export": ("locus.training.hpa_export", "convert the official HPA segmentation weights to ONNX", "hpa"),
 }
 
 

@@ -1,7 +1,7 @@
 """Kaggle submission CSV: ``ID,ImageWidth,ImageHeight,PredictionString``.
 
 One row per field of view; ``PredictionString`` holds space-separated
-``class confidence mask`` triples (see :mod:`service.encoding`). Rows are
+``class confidence mask`` triples (see :mod:`locus.service.encoding`). Rows are
 written with :func:`write_submission` at once, or appended one by one with
 :class:`SubmissionWriter`, which resumes an interrupted run: it reports the IDs
 already written and drops a last line left half-written by a crash.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from service.encoding import format_prediction_string, parse_prediction_string
+from locus.service.encoding import format_prediction_string, parse_prediction_string
 
 __all__ = ["HEADER", "SubmissionRow", "write_submission", "read_submission", "SubmissionWriter"]
 

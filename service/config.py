@@ -1,0 +1,141 @@
+"""Pipeline settings and defaults: the one home of every knob the array pipeline reads.
+
+:class:`PipelineSettings` holds what building and running the pipeline needs (model
+folder, segmentation backend, ONNX Runtime, integrated-gradient defaults and the pixel
+limit of decoding); it reads ``LOCUS_*`` environment variables. The HTTP service's
+:class:`locus.service.settings.Settings` extends it with server-only settings (limits,
+keys, logging), so ``locus serve``, ``locus predict``, ``locus overlay`` and training's
+crop extraction all read the same values from the same variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = [
+    "PipelineSettings",
+    "DEFAULT_MODEL_DIR",
+    "REPO_MODELS",
+    "IG_STEPS",
+    "IG_MAX_STEPS",
+    "IG_MAX_CELLS",
+    "IG_BASELINE",
+    "MAX_IMAGE_PIXELS",
+]
+
+REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+DEFAULT_MODEL_DIR = REPO_MODELS / "locus-sim-b0"
+
+IG_STEPS = 64
+"""Default integrated-gradient steps (trapezoid intervals; ``steps + 1`` gradient evaluations per cell and class)."""
+IG_MAX_STEPS = 512
+"""Largest step count a caller may ask for."""
+IG_MAX_CELLS = 64
+"""Largest number of cells given attribution maps in one field."""
+IG_BASELINE = "black"
+"""Default integrated-gradient baseline."""
+MAX_IMAGE_PIXELS = 6144 * 6144
+"""Largest height x width of one channel, checked before any pixel is decoded."""
+
+
+def split_list(value: object) -> object:
+    """Read a list setting given as JSON (``'["a", "b"]'``) or comma-separated text.
+
+    Parameters
+    ----------
+    value : object
+        The raw value.
+
+    Returns
+    -------
+    object
+        A list for text input, ``value`` unchanged otherwise.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class PipelineSettings(BaseSettings):
+    """Settings of the array pipeline; each field reads ``LOCUS_<FIELD NAME>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCUS_", env_file=None, extra="ignore", protected_namespaces=())
+
+    # Model and segmentation
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Model folder (model.onnx, manifest.json, ...)")
+    segmenter: str = Field("classical", description="Segmentation backend: classical, hpa or hpacellseg")
+    segmenter_fallback: bool = Field(
+        False, description="When the chosen segmenter cannot start (e.g. missing HPA weights), fall back to classical"
+    )
+    hpa_nuclei_model: Path | None = Field(None, description="ONNX file of the HPA nuclei network (hpa backend)")
+    hpa_cell_model: Path | None = Field(None, description="ONNX file of the HPA cell network (hpa backend)")
+
+    # ONNX Runtime
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime execution providers in order of preference",
+    )
+    require_gpu: bool = Field(False, description="Refuse to start when CUDA was asked for but is not obtained")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = number of cores (max 8)")
+    max_batch: int = Field(64, ge=1, le=4096, description="Largest batch of cells sent to the model at once")
+    max_wait_ms: float = Field(
+        2.0, ge=0.0, le=1000.0, description="How long the batcher waits for cells of other requests to join a batch"
+    )
+
+    # Attributions (integrated gradients)
+    ig_steps: int = Field(IG_STEPS, ge=2, description="Default number of integrated-gradient steps")
+    ig_max_steps: int = Field(IG_MAX_STEPS, ge=2, description="Largest step count a request may ask for")
+    ig_max_cells: int = Field(IG_MAX_CELLS, ge=1, description="Largest number of cells with attributions per field")
+
+    # Decoding
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS, ge=1, description="Largest height x width of a channel, checked before decoding"
+    )
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _providers(cls, value: object) -> object:
+        return split_list(value)
+
+    def cores(self) -> int:
+        """Number of usable CPU cores."""
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+
+    def resolved_threads(self) -> int:
+        """ONNX Runtime intra-op threads actually used."""
+        return self.intra_op_threads or min(self.cores(), 8)
+
+    def segmenter_options(self, name: str | None = None) -> dict:
+        """Constructor options of a segmentation backend, from these settings.
+
+        Parameters
+        ----------
+        name : str, optional
+            Backend name; default :attr:`segmenter`.
+
+        Returns
+        -------
+        dict
+            Keyword options for :func:`locus.service.segmentation.make_segmenter` (empty for ``classical``).
+        """
+        if (name or self.segmenter) != "hpa":
+            return {}
+        return {
+            "nuclei_model": self.hpa_nuclei_model,
+            "cell_model": self.hpa_cell_model,
+            "providers": self.providers,
+            "intra_op_threads": self.resolved_threads(),
+            "require_gpu": self.require_gpu,
+        }
