@@ -223,7 +223,7 @@ def test_cli_overlay_errors(model_with_grad, field_dir, tmp_path, capsys):
 
 
 def test_locus_cli_dispatches_overlay(model_with_grad, field_dir, tmp_path):
-    from cli import main
+    from locus.cli import main
 
     out = tmp_path / "cli.png"
     assert main(["overlay", "--field", str(field_dir), "F1", "--model", str(model_with_grad), "--out", str(out)]) == 0
