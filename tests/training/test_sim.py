@@ -106,7 +106,7 @@ def test_written_layout(tmp_path: Path):
 
 
 def test_cli_writes_layout(tmp_path: Path):
-    from cli import main
+    from locus.cli import main
 
     out = tmp_path / "cli"
     rc = main(["sim", "--n", "2", "--size", "128", "--seed", "3", "--out", str(out), "--no-progress"])

@@ -39,7 +39,7 @@ def test_repo_configs_validate():
 
 
 def test_locus_train_parser_overrides(tmp_path):
-    from cli import build_parser
+    from locus.cli import build_parser
 
     from locus.training.train import config_from_args
 
@@ -64,7 +64,7 @@ def test_locus_train_parser_overrides(tmp_path):
 def test_locus_train_without_tensorflow_prints_install_hint(monkeypatch, capsys):
     import importlib
 
-    from locus.service import cli
+    from locus import cli
 
     real = importlib.import_module
 
@@ -172,7 +172,7 @@ def test_model_folder_validates_and_serves(trained):
 
 @pytest.mark.train
 def test_locus_export_cli(trained, tmp_path):
-    from cli import main
+    from locus.cli import main
 
     config, _ = trained
     out = tmp_path / "exported"
