@@ -93,6 +93,10 @@ class CellResult:
     labels: list[int]
     mask: dict | None = None
     attributions: list[CellAttribution] = field(default_factory=list)
+    nucleus_area: int | None = None
+    """Pixels of the cell's nucleus (label ``record.id`` in the nuclei image); ``None`` when it has none."""
+    nucleus_mask: dict | None = None
+    """The nucleus as COCO RLE (with ``include_masks``), when the cell has one."""
 
 
 @dataclass
@@ -104,6 +108,8 @@ class FieldResult:
     cells: list[CellResult]
     timings_ms: dict[str, float]
     cell_labels: np.ndarray
+    nuclei_labels: np.ndarray | None = None
+    """(H, W) nuclei label image, nucleus ``k`` inside cell ``k`` (pixels outside their cell are dropped)."""
 
     def summary(self) -> list[dict]:
         """Per class: cells called and the highest confidence over all cells, sorted by cells called.
@@ -217,7 +223,9 @@ class Pipeline:
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
-        cell_labels, _nuclei = self.segmenter.segment(image)
+        cell_labels, nuclei_labels = self.segmenter.segment(image)
+        # The contract: nucleus k lies inside cell k; keep only what honours it, so ids are shared.
+        nuclei_labels = np.where(nuclei_labels == cell_labels, nuclei_labels, 0).astype(np.int32, copy=False)
         timings["segment"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
@@ -241,6 +249,10 @@ class Pipeline:
             )
             for i, r in enumerate(records)
         ]
+        nucleus_areas = np.bincount(nuclei_labels.ravel(), minlength=int(cell_labels.max(initial=0)) + 1)
+        for cell in cells:
+            area = int(nucleus_areas[cell.record.id])
+            cell.nucleus_area = area if area > 0 else None
 
         if options.attributions and cells:
             t = time.perf_counter()
@@ -250,11 +262,16 @@ class Pipeline:
         t = time.perf_counter()
         if options.include_masks and cells:
             rles = encode_label_masks(cell_labels, ids)
+            with_nucleus = [c.record.id for c in cells if c.nucleus_area is not None]
+            nuclei_rles = encode_label_masks(nuclei_labels, with_nucleus) if with_nucleus else {}
             for cell in cells:
                 cell.mask = rles[cell.record.id]
+                cell.nucleus_mask = nuclei_rles.get(cell.record.id)
         timings["encode"] = (time.perf_counter() - t) * 1e3
         h, w = cell_labels.shape
-        return FieldResult(height=h, width=w, cells=cells, timings_ms=timings, cell_labels=cell_labels)
+        return FieldResult(
+            height=h, width=w, cells=cells, timings_ms=timings, cell_labels=cell_labels, nuclei_labels=nuclei_labels
+        )
 
     def _attribute(self, batch: np.ndarray, cells: list[CellResult], options: ClassifyOptions) -> None:
         from locus.service.attribution import integrated_gradients, map_to_box

@@ -22,6 +22,7 @@ from locus.service.schemas import (
     LabelOut,
     MaskRLE,
     ModelRef,
+    NucleusOut,
 )
 
 __all__ = ["classify_response", "kaggle_row", "bbox"]
@@ -77,6 +78,12 @@ def _cell(c: CellResult, options: ClassifyOptions) -> CellOut:
         ],
         scores=[round(float(p), 6) for p in c.probabilities] if options.include_scores else None,
         mask=MaskRLE(**c.mask) if options.include_masks and c.mask is not None else None,
+        nucleus=None
+        if c.nucleus_area is None
+        else NucleusOut(
+            area=int(c.nucleus_area),
+            mask=MaskRLE(**c.nucleus_mask) if options.include_masks and c.nucleus_mask is not None else None,
+        ),
         attributions=[_attribution(a) for a in c.attributions] if options.attributions else None,
     )
 

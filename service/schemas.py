@@ -19,6 +19,7 @@ __all__ = [
     "KaggleResponse",
     "LabelOut",
     "MaskRLE",
+    "NucleusOut",
     "ImageInfo",
     "ModelRef",
     "ModelInfo",
@@ -84,6 +85,13 @@ class Attribution(BaseModel):
     baseline: str = Field(examples=["black"])
 
 
+class NucleusOut(BaseModel):
+    """The nucleus of a cell: label ``k`` in the nuclei label image for cell ``k``, inside the cell."""
+
+    area: int = Field(ge=1, description="Pixels", examples=[9120])
+    mask: MaskRLE | None = Field(None, description="The nucleus mask (unless include_masks=false)")
+
+
 class CellOut(BaseModel):
     """One segmented cell and what the model calls in it."""
 
@@ -95,6 +103,9 @@ class CellOut(BaseModel):
     labels: list[LabelOut] = Field(description="Classes at or above their decision threshold, most confident first")
     scores: list[float] | None = Field(None, description="All 19 probabilities in class order (on request)")
     mask: MaskRLE | None = Field(None, description="The cell's mask (unless include_masks=false)")
+    nucleus: NucleusOut | None = Field(
+        None, description="The cell's nucleus, same id as the cell; absent where the segmenter found none"
+    )
     attributions: list[Attribution] | None = Field(None, description="Integrated-gradient maps (on request)")
 
 
