@@ -12,6 +12,7 @@ from typing import Any
 
 from locus.service.errors import ApiError
 from locus.service.factory import build_pipeline
+from locus.service.formats import FORMATS, FileAnswer, answer_field
 from locus.service.imaging import decode_field
 from locus.service.inference import Classifier
 from locus.service.pipeline import ClassifyOptions, Pipeline
@@ -119,7 +120,7 @@ class ServiceState:
 
     async def classify(
         self, blobs: dict[str, bytes], options: ClassifyOptions, *, request_id: str, output: str, image_id: str
-    ) -> ClassifyResponse | KaggleResponse:
+    ) -> ClassifyResponse | KaggleResponse | FileAnswer:
         """Decode and classify one field in the worker pool, within the time limit.
 
         The caller holds an admission slot (:meth:`admit`); it is released when the work
@@ -132,11 +133,12 @@ class ServiceState:
         options : ClassifyOptions
             What to compute.
         request_id, output, image_id : str
-            Provenance, ``json`` or ``kaggle``, and the Kaggle row's ID.
+            Provenance, ``json``, ``kaggle`` or a file format of :mod:`locus.service.formats`,
+            and the field's ID (Kaggle row, table rows, file name).
 
         Returns
         -------
-        ClassifyResponse or KaggleResponse
+        ClassifyResponse or KaggleResponse or FileAnswer
             The answer.
 
         Raises
@@ -165,7 +167,7 @@ class ServiceState:
 
     def _classify_sync(
         self, blobs: dict[str, bytes], options: ClassifyOptions, request_id: str, output: str, image_id: str
-    ) -> ClassifyResponse | KaggleResponse:
+    ) -> ClassifyResponse | KaggleResponse | FileAnswer:
         t0 = time.perf_counter()
         image = decode_field(blobs, max_pixels=self.settings.max_image_pixels)
         decode_ms = (time.perf_counter() - t0) * 1e3
@@ -173,6 +175,8 @@ class ServiceState:
         result.timings_ms = {"decode": decode_ms, **result.timings_ms}
         if output == "kaggle":
             return kaggle_row(result, image_id)
+        if output in FORMATS:
+            return answer_field(output, result, options, self.pipeline, request_id=request_id, image_id=image_id)
         body = classify_response(result, options, self.pipeline, request_id=request_id)
         body.timings_ms["total"] = round((time.perf_counter() - t0) * 1e3, 2)
         return body

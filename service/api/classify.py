@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from locus.service.api.deps import StateDep, require_api_key
 from locus.service.classes import CHANNELS, NUM_CLASSES
 from locus.service.errors import ERROR_RESPONSES, ApiError
+from locus.service.formats import FORMATS, MEDIA_TYPES, FileAnswer, FormatUnavailableError, check_format
 from locus.service.pipeline import ClassifyOptions
-from locus.service.schemas import ClassifyResponse, KaggleResponse
+from locus.service.schemas import ClassifyResponse, ErrorResponse, KaggleResponse
 from locus.service.state import ServiceState
 
 router = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key)])
@@ -41,6 +44,73 @@ def _parse_classes(text: str | None) -> tuple[int, ...] | None:
             422, "invalid_parameter", "attribution_classes: class ids must be in 0-18", "attribution_classes"
         )
     return ids
+
+
+Output = Literal["json", "kaggle", "csv", "parquet", "h5ad", "geojson", "labels"]
+
+_OUTPUT_HELP = (
+    "json (default), kaggle (one submission row), or a file: csv or parquet (one row per cell: box, area, "
+    "centroid, nucleus area, labels, all 19 scores), h5ad (AnnData: scores as X, cells in obs, centroids in "
+    "obsm['spatial']), geojson (QuPath-importable cells with nuclei), labels (one OME-TIFF, channels cells and "
+    "nuclei, cell k and its nucleus both k). Without it, the Accept header chooses among "
+    + ", ".join(f"{MEDIA_TYPES[f]} ({f})" for f in FORMATS)
+    + "; anything else gets json"
+)
+
+_FILE_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": "The answer: JSON (ClassifyResponse or KaggleResponse), or the file asked for with output=",
+        "content": {MEDIA_TYPES[f]: {"schema": {"type": "string", "format": "binary"}} for f in FORMATS},
+    },
+    406: {
+        "model": ErrorResponse,
+        "description": "The asked output format needs a Python package that this server does not have",
+    },
+}
+
+
+def _accepted_output(accept: str | None) -> str:
+    """The file format the Accept header prefers (by q value, then order), else ``json``."""
+    if not accept:
+        return "json"
+    by_type = {v: k for k, v in MEDIA_TYPES.items()}
+    best, best_q = "json", 0.0
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        fmt = by_type.get(media.lower())
+        if media.lower() == "application/json":
+            fmt = "json"
+        if fmt is not None and q > best_q:
+            best, best_q = fmt, q
+    return best
+
+
+def _resolve_output(output: str | None, accept: str | None) -> str:
+    """The output asked for (the query parameter wins over Accept), checked to be servable here."""
+    chosen = output or _accepted_output(accept)
+    if chosen in FORMATS:
+        try:
+            check_format(chosen)
+        except FormatUnavailableError as exc:
+            field = "output" if output else "accept"
+            raise ApiError(406, "format_unavailable", f"{field}: {exc}", field) from exc
+    return chosen
+
+
+def _file_response(answer: FileAnswer) -> Response:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", answer.filename)
+    return Response(
+        content=answer.content,
+        media_type=answer.media_type,
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
 
 
 async def _read_upload(upload: UploadFile, name: str, limit: int) -> bytes:
@@ -79,7 +149,7 @@ async def _check_form(request: Request) -> None:
     "/classify",
     response_model=ClassifyResponse | KaggleResponse,
     response_model_exclude_none=True,
-    responses={k: v for k, v in ERROR_RESPONSES.items() if k != 400},
+    responses={**{k: v for k, v in ERROR_RESPONSES.items() if k != 400}, **_FILE_RESPONSES},
     summary="Segment a field and classify every cell",
 )
 async def classify(
@@ -99,10 +169,10 @@ async def classify(
     ] = None,
     include_masks: Annotated[bool, Query(description="Return each cell's mask as COCO RLE")] = True,
     include_scores: Annotated[bool, Query(description="Return all 19 scores per cell")] = False,
-    output: Annotated[
-        Literal["json", "kaggle"], Query(description="json, or kaggle for a PredictionString row")
-    ] = "json",
-    image_id: Annotated[str, Query(max_length=200, description="ID of the row in kaggle output")] = "field",
+    output: Annotated[Output | None, Query(description=_OUTPUT_HELP)] = None,
+    image_id: Annotated[
+        str, Query(max_length=200, description="ID of the field in kaggle output, table rows and file names")
+    ] = "field",
     attributions: Annotated[bool, Query(description="Integrated-gradient maps per cell and label")] = False,
     attribution_classes: Annotated[
         str | None, Query(max_length=100, description="Comma-separated class ids to explain instead of the labels")
@@ -111,7 +181,7 @@ async def classify(
         int | None, Query(ge=2, description="Integrated-gradient steps (default from settings)")
     ] = None,
     ig_baseline: Annotated[Literal["black", "blur"], Query(description="Integrated-gradient baseline")] = "black",
-) -> ClassifyResponse | KaggleResponse:
+) -> ClassifyResponse | KaggleResponse | Response:
     """Segment the four-channel field, classify every cell into the 19 HPA classes, and answer per cell.
 
     Each channel is a multipart file part: ``red`` (microtubules), ``green`` (protein),
@@ -119,9 +189,11 @@ async def classify(
     with its bounding box, area, centroid, mask (COCO RLE), labels at or above the
     decision thresholds, and on request all scores and integrated-gradient maps; plus a
     field summary per class and stage timings. ``output=kaggle`` answers one
-    competition submission row instead.
+    competition submission row instead; ``output=csv|parquet|h5ad|geojson|labels`` (or the
+    matching ``Accept`` media type) answers the same cells as a file for other tools.
     """
     await _check_form(request)
+    fmt = _resolve_output(output, request.headers.get("accept"))
     options = _options(
         state,
         threshold=threshold,
@@ -132,6 +204,8 @@ async def classify(
         ig_steps=ig_steps,
         ig_baseline=ig_baseline,
     )
+    if fmt in FORMATS:  # files are drawn from the label images; RLE masks would go unused
+        options = dataclasses.replace(options, include_masks=False)
     state.admit()
     try:
         uploads = {"red": red, "green": green, "blue": blue, "yellow": yellow}
@@ -140,7 +214,8 @@ async def classify(
         state.admission.leave()
         raise
     rid = getattr(request.state, "request_id", "")
-    return await state.classify(blobs, options, request_id=rid, output=output, image_id=image_id)
+    body = await state.classify(blobs, options, request_id=rid, output=fmt, image_id=image_id)
+    return _file_response(body) if isinstance(body, FileAnswer) else body
 
 
 def _options(
