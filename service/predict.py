@@ -39,6 +39,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true", help="overwrite the output instead of resuming")
     parser.add_argument("--limit", type=int, default=None, help="process at most this many fields")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = parser.add_argument_group("Ray (--engine ray: whole collections on a Ray cluster, the [ray] extra)")
+    ray.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: an actor pool on Ray Data, FOLDER may also be a CSV/Parquet "
+        "list of fields, and a per-cell Parquet table and an errors CSV are written beside --out",
+    )
+    ray.add_argument("--address", default=None, help="Ray cluster: auto or ray://HEAD:10001 (default: a local Ray)")
+    ray.add_argument("--actors", type=int, default=None, help="actors (default: one per GPU, else one per CPU)")
+    ray.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ray.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor (default 1 with GPUs)")
 
 
 def predict_folder(
@@ -109,6 +121,10 @@ def predict_folder(
 
 def run(args: argparse.Namespace) -> int:
     """Run ``locus predict``."""
+    if getattr(args, "engine", "local") == "ray":
+        from locus.service.batch_ray import run_ray
+
+        return run_ray(args)
     stats = predict_folder(
         args.folder,
         args.out,
