@@ -46,7 +46,7 @@ import numpy as np
 
 from locus.service.classes import CLASS_NAMES, NUM_CLASSES
 from locus.service.config import IG_MAX_STEPS, IG_STEPS
-from locus.service.crop import CropRule, square_window
+from locus.service.crop import MAX_WINDOW_SIDE, CropRule, square_window
 
 __all__ = [
     "AttributionMap",
@@ -444,6 +444,14 @@ def map_to_box(
     wr0, wc0, wr1, _ = square_window((r0, c0, r1, c1), rule)
     side = wr1 - wr0
     s = attr.shape[0]
+    if side > MAX_WINDOW_SIDE:
+        # Only the box, never the whole (huge) window: the same linear map, sampled where the box lies.
+        f = s / side
+        m = np.array([[f, 0.0, (c0 - wc0 + 0.5) * f - 0.5], [0.0, f, (r0 - wr0 + 0.5) * f - 0.5]], dtype=np.float64)
+        out = cv2.warpAffine(
+            attr, m, (c1 - c0, r1 - r0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+        )
+        return np.ascontiguousarray(out * np.float32(f * f) if conserve_sum else out, dtype=np.float32)
     if side != s:
         interp = cv2.INTER_AREA if side < s else cv2.INTER_LINEAR
         win = cv2.resize(attr, (side, side), interpolation=interp)
