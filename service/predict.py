@@ -1,24 +1,42 @@
 """``locus predict``: the service's pipeline over a folder, in-process, writing a competition CSV.
 
-Resumes where it stopped: fields already in the output CSV are skipped.
+Resumes where it stopped: fields already in the output CSV are skipped. ``--format`` also
+writes the answers in the formats of :mod:`locus.service.formats` (per-cell tables,
+AnnData, QuPath GeoJSON, label images).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from tqdm import tqdm
 
 from locus.service.config import DEFAULT_MODEL_DIR, PipelineSettings
 from locus.service.factory import build_pipeline
+from locus.service.formats import (
+    FORMATS,
+    FormatOptionError,
+    FormatUnavailableError,
+    FormatWriter,
+    field_answer,
+    parse_formats,
+)
 from locus.service.pipeline import ClassifyOptions
 from locus.service.readers import find_fields, load_field
 from locus.service.response import classify_response
 from locus.service.submission import SubmissionRow, SubmissionWriter
 
 __all__ = ["configure_parser", "run", "predict_folder"]
+
+
+def _formats_arg(text: str) -> tuple[str, ...]:
+    try:
+        return parse_formats(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +48,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help=f"model folder (default {DEFAULT_MODEL_DIR})")
     parser.add_argument("--segmenter", default="classical", help="classical, hpa or hpacellseg")
     parser.add_argument("--json-dir", default=None, help="also write one JSON answer per field here")
+    parser.add_argument(
+        "--format",
+        type=_formats_arg,
+        default=(),
+        metavar="LIST",
+        help=f"also write these formats, comma-separated: {','.join(FORMATS)}; tables cells.csv, cells.parquet, "
+        "cells.h5ad hold every field, geojson/{ID}.geojson and labels/{ID}.ome.tif one field each",
+    )
+    parser.add_argument(
+        "--format-dir", default=None, help="folder for the --format files (default: the folder of --out)"
+    )
     parser.add_argument(
         "--min-confidence",
         type=float,
@@ -64,6 +93,8 @@ def predict_folder(
     resume: bool = True,
     limit: int | None = None,
     progress: bool = True,
+    formats: tuple[str, ...] | list[str] = (),
+    format_dir: str | Path | None = None,
 ) -> dict[str, int]:
     """Classify every field of a folder and write the submission CSV.
 
@@ -87,6 +118,11 @@ def predict_folder(
         Stop after this many fields.
     progress : bool
         Show a progress bar.
+    formats : sequence of str
+        Also write these formats (:data:`locus.service.formats.FORMATS`) with a
+        :class:`~locus.service.formats.FormatWriter`.
+    format_dir : str or Path, optional
+        Their folder (default: the folder of ``out``).
 
     Returns
     -------
@@ -99,20 +135,28 @@ def predict_folder(
     if limit is not None:
         refs = refs[:limit]
     options = ClassifyOptions(include_masks=True, include_scores=True)
+    extra = None
+    if formats:
+        extra = FormatWriter(Path(format_dir) if format_dir else Path(out).parent, formats, resume=resume)
+        if Path(out).resolve() in {p.resolve() for p in extra.paths().values()}:
+            raise FormatOptionError(f"--out {out} is also a --format table; choose another name or --format-dir")
     stats = {"fields": len(refs), "done": 0, "skipped": 0, "cells": 0}
     if json_dir is not None:
         Path(json_dir).mkdir(parents=True, exist_ok=True)
-    with SubmissionWriter(out, resume=resume) as writer:
+    with SubmissionWriter(out, resume=resume) as writer, extra or nullcontext():
         todo = [r for r in refs if r.id not in writer.done]
         stats["skipped"] = len(refs) - len(todo)
         for ref in tqdm(todo, desc="predict", unit="field", disable=not progress):
             image = load_field(ref, max_pixels=settings.max_image_pixels)
             result = pipeline.run(image, options)
+            body = None
             if json_dir is not None:
                 body = classify_response(result, options, pipeline, request_id=ref.id)
                 (Path(json_dir) / f"{ref.id}.json").write_text(
                     body.model_dump_json(exclude_none=True), encoding="utf-8"
                 )
+            if extra is not None:
+                extra.add(field_answer(result, options, pipeline, image_id=ref.id, request_id=ref.id, body=body))
             writer.write(SubmissionRow(ref.id, result.width, result.height, result.predictions(min_confidence)))
             stats["done"] += 1
             stats["cells"] += len(result.cells)
@@ -125,7 +169,23 @@ def run(args: argparse.Namespace) -> int:
         from locus.service.batch_ray import run_ray
 
         return run_ray(args)
-    stats = predict_folder(
+    try:
+        stats = _run_local(args)
+    except (FormatUnavailableError, FormatOptionError) as exc:
+        print(f"locus predict: {exc}", file=sys.stderr)
+        return 2
+    if args.format:
+        print(f"formats {','.join(args.format)} written to {args.format_dir or Path(args.out).parent}", file=sys.stderr)
+    print(
+        f"{stats['done']} fields classified ({stats['cells']} cells), {stats['skipped']} already in {args.out}, "
+        f"{stats['fields']} found",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _run_local(args: argparse.Namespace) -> dict[str, int]:
+    return predict_folder(
         args.folder,
         args.out,
         model_dir=args.model,
@@ -135,10 +195,6 @@ def run(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         limit=args.limit,
         progress=not args.quiet,
+        formats=args.format,
+        format_dir=args.format_dir,
     )
-    print(
-        f"{stats['done']} fields classified ({stats['cells']} cells), {stats['skipped']} already in {args.out}, "
-        f"{stats['fields']} found",
-        file=sys.stderr,
-    )
-    return 0
