@@ -69,6 +69,7 @@ __all__ = [
     "EXTENSIONS",
     "REQUIREMENTS",
     "FormatUnavailableError",
+    "FormatOptionError",
     "FieldAnswer",
     "FileAnswer",
     "FormatWriter",
@@ -171,6 +172,10 @@ class FormatUnavailableError(ImportError):
         )
 
 
+class FormatOptionError(ValueError):
+    """A bad format option (an unknown name, an output file that clashes)."""
+
+
 def check_format(fmt: str) -> None:
     """Check that a format is known and its libraries import.
 
@@ -181,13 +186,13 @@ def check_format(fmt: str) -> None:
 
     Raises
     ------
-    ValueError
+    FormatOptionError
         Unknown format (the message lists the known ones).
     FormatUnavailableError
         A package the format needs is missing.
     """
     if fmt not in REQUIREMENTS:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise FormatOptionError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     for package in REQUIREMENTS[fmt]:
         try:
             importlib.import_module(package)
@@ -210,16 +215,18 @@ def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
 
     Raises
     ------
-    ValueError
+    FormatOptionError
         An empty list or an unknown name (named in the message).
     """
     parts = text.split(",") if isinstance(text, str) else list(text)
     names = [p.strip().lower() for p in parts if p.strip()]
     bad = [n for n in names if n not in FORMATS]
     if bad:
-        raise ValueError(f"unknown format(s) {', '.join(repr(b) for b in bad)}; choose from {', '.join(FORMATS)}")
+        raise FormatOptionError(
+            f"unknown format(s) {', '.join(repr(b) for b in bad)}; choose from {', '.join(FORMATS)}"
+        )
     if not names:
-        raise ValueError(f"no format given; choose from {', '.join(FORMATS)}")
+        raise FormatOptionError(f"no format given; choose from {', '.join(FORMATS)}")
     return tuple(dict.fromkeys(names))
 
 
@@ -842,6 +849,12 @@ class FormatWriter:
         if self.tables and not resume and self.journal.exists():
             self.journal.unlink()
         self.written = 0
+
+    def __enter__(self) -> FormatWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def paths(self) -> dict[str, Path]:
         """The table files this writer produces (format -> path)."""
