@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from locus.service.imaging import ImageError
+from locus.service.problems import InputError
 
 __all__ = ["ApiError", "error_response", "install_error_handlers", "ERROR_RESPONSES"]
 
@@ -152,8 +152,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
 
-    @app.exception_handler(ImageError)
-    async def _image_error(request: Request, exc: ImageError) -> JSONResponse:
+    @app.exception_handler(InputError)
+    async def _input_problem(request: Request, exc: InputError) -> JSONResponse:
         return error_response(request, exc.status, exc.code, exc.message, exc.field)
 
     @app.exception_handler(RequestValidationError)

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from locus.service.classes import CHANNELS
+from locus.service.problems import InputError
 
 __all__ = [
     "ImageError",
@@ -46,8 +47,8 @@ UINT16_TO_255 = np.float32(1.0 / 257.0)
 """The factor that brings uint16 values to 0-255 (65535 -> 255)."""
 
 
-class ImageError(ValueError):
-    """A channel image that cannot be used, with a message that says why and how to fix it.
+class ImageError(InputError):
+    """A channel image that cannot be used (see :class:`~locus.service.problems.InputError`).
 
     Parameters
     ----------
@@ -62,11 +63,7 @@ class ImageError(ValueError):
     """
 
     def __init__(self, message: str, *, field: str | None = None, code: str = "bad_image", status: int = 422):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.code = code
-        self.status = status
+        super().__init__(message, field=field, code=code, status=status)
 
 
 MAX_JPEG_SCANS = 64

@@ -18,10 +18,11 @@ import numpy as np
 
 from locus.service.cells import CellRecord, cell_records
 from locus.service.classes import CLASS_NAMES, NUM_CLASSES
-from locus.service.config import IG_BASELINE, IG_MAX_CELLS, IG_STEPS
+from locus.service.config import IG_BASELINE, IG_BUDGET, IG_MAX_CELLS, IG_STEPS, MAX_MAP_BYTES
 from locus.service.crop import crop_cells
 from locus.service.encoding import encode_label_masks, format_prediction_string, rle_to_kaggle
 from locus.service.inference import Classifier
+from locus.service.problems import WorkLimitError
 from locus.service.segmentation.base import Segmenter
 
 __all__ = ["ClassifyOptions", "CellAttribution", "CellResult", "FieldResult", "Pipeline"]
@@ -49,6 +50,14 @@ class ClassifyOptions:
         ``"black"`` or ``"blur"``.
     ig_max_cells : int
         Attributions for at most this many cells (in cell id order).
+    ig_budget : int, optional
+        Most gradient-model evaluations (cells x classes x (steps + 1)) the attributions of one
+        field may cost; more is refused with :class:`~locus.service.problems.WorkLimitError`
+        before any is computed. None: no bound.
+    max_map_bytes : int, optional
+        Most bytes the encoded attribution maps of one field may take in the answer (each map is a
+        16-bit PNG of the cell's box, base64: at most about 2.7 bytes per box pixel); more is refused
+        before any map is computed. None: no bound.
     attribute_top : bool
         Explain only each cell's most probable class (its top label, or its highest score when no
         class passes its threshold) instead of all its labels; ignored with ``attribution_classes``.
@@ -63,6 +72,8 @@ class ClassifyOptions:
     ig_baseline: str = IG_BASELINE
     ig_max_cells: int = IG_MAX_CELLS
     attribute_top: bool = False
+    ig_budget: int | None = IG_BUDGET
+    max_map_bytes: int | None = MAX_MAP_BYTES
 
 
 @dataclass
@@ -204,7 +215,9 @@ class Pipeline:
         if close is not None:
             close()
 
-    def run(self, image: np.ndarray, options: ClassifyOptions | None = None) -> FieldResult:
+    def run(
+        self, image: np.ndarray, options: ClassifyOptions | None = None, stop: Callable[[], bool] | None = None
+    ) -> FieldResult:
         """Classify every cell of one field.
 
         Parameters
@@ -213,6 +226,9 @@ class Pipeline:
             (H, W, 4) R, G, B, Y, ``uint8`` or ``uint16``.
         options : ClassifyOptions, optional
             What to compute.
+        stop : callable, optional
+            Checked between stages and between batches of integrated gradients; when it returns
+            True the work stops with :class:`locus.service.attribution.Cancelled`.
 
         Returns
         -------
@@ -221,6 +237,7 @@ class Pipeline:
         """
         options = options or ClassifyOptions()
         timings: dict[str, float] = {}
+        check = _checker(stop)
 
         t = time.perf_counter()
         cell_labels, nuclei_labels = self.segmenter.segment(image)
@@ -228,6 +245,7 @@ class Pipeline:
         nuclei_labels = np.where(nuclei_labels == cell_labels, nuclei_labels, 0).astype(np.int32, copy=False)
         timings["segment"] = (time.perf_counter() - t) * 1e3
 
+        check()
         t = time.perf_counter()
         records = cell_records(cell_labels)
         ids = [r.id for r in records]
@@ -235,6 +253,7 @@ class Pipeline:
         _, batch = crop_cells(image, cell_labels, rule, ids)
         timings["crop"] = (time.perf_counter() - t) * 1e3
 
+        check()
         t = time.perf_counter()
         probs = self._predict(batch) if batch.shape[0] else np.zeros((0, NUM_CLASSES), dtype=np.float32)
         timings["classify"] = (time.perf_counter() - t) * 1e3
@@ -256,9 +275,10 @@ class Pipeline:
 
         if options.attributions and cells:
             t = time.perf_counter()
-            self._attribute(batch, cells, options)
+            self._attribute(batch, cells, options, stop)
             timings["attribute"] = (time.perf_counter() - t) * 1e3
 
+        check()
         t = time.perf_counter()
         if options.include_masks and cells:
             rles = encode_label_masks(cell_labels, ids)
@@ -273,14 +293,35 @@ class Pipeline:
             height=h, width=w, cells=cells, timings_ms=timings, cell_labels=cell_labels, nuclei_labels=nuclei_labels
         )
 
-    def _attribute(self, batch: np.ndarray, cells: list[CellResult], options: ClassifyOptions) -> None:
-        from locus.service.attribution import integrated_gradients, map_to_box
+    def _attribute(
+        self, batch: np.ndarray, cells: list[CellResult], options: ClassifyOptions, stop: Callable[[], bool] | None
+    ) -> None:
+        from locus.service.attribution import gradient_evaluations, integrated_gradients, map_to_box
 
         grad = self.classifier.manifest.grad
         if grad is None:
             raise ValueError("this model folder has no gradient model (grad.onnx)")
         chosen = list(range(min(len(cells), options.ig_max_cells)))
         targets = [self._targets(cells[i], options) for i in chosen]
+        cost = sum(gradient_evaluations(1, len(tg), options.ig_steps) for tg in targets)
+        if options.ig_budget is not None and cost > options.ig_budget:
+            pairs = sum(len(tg) for tg in targets)
+            raise WorkLimitError(
+                f"attributions: {pairs} maps ({len(chosen)} cells x classes) at {options.ig_steps} steps cost {cost} "
+                f"gradient evaluations, over the budget of {options.ig_budget} per field (LOCUS_IG_BUDGET); ask for "
+                "fewer classes (attribution_classes), fewer steps (ig_steps) or a smaller field",
+                field="attributions",
+                code="attribution_budget",
+            )
+        size = sum(len(tg) * _map_bytes(cells[i].record.bbox) for i, tg in zip(chosen, targets, strict=True))
+        if options.max_map_bytes is not None and size > options.max_map_bytes:
+            raise WorkLimitError(
+                f"attributions: the maps would take about {size / 1e6:.0f} MB of the answer, over the limit of "
+                f"{options.max_map_bytes / 1e6:.0f} MB (LOCUS_MAX_MAP_BYTES); ask for fewer classes "
+                "(attribution_classes) or send a smaller field",
+                field="attributions",
+                code="answer_too_large",
+            )
         maps = integrated_gradients(
             self.classifier.grad_session(),
             grad.batch,
@@ -289,6 +330,7 @@ class Pipeline:
             steps=options.ig_steps,
             baseline=options.ig_baseline,
             max_steps=max(options.ig_steps, 2),
+            stop=stop,
         )
         rule = self.classifier.crop_rule
         for i, cell_maps in zip(chosen, maps, strict=True):
@@ -305,3 +347,21 @@ class Pipeline:
             probs = cell.probabilities
             return [max(cell.labels, key=lambda k: probs[k]) if cell.labels else int(np.argmax(probs))]
         return list(cell.labels)
+
+
+def _map_bytes(box: tuple[int, int, int, int]) -> int:
+    """Upper bound of one encoded map's size: 16-bit PNG of the box (2 bytes a pixel + row filters), base64."""
+    r0, c0, r1, c1 = box
+    return int(((r1 - r0) * (2 * (c1 - c0) + 1) + 1024) * 4 / 3)
+
+
+def _checker(stop: Callable[[], bool] | None) -> Callable[[], None]:
+    """A function that raises :class:`~locus.service.attribution.Cancelled` once ``stop()`` is True."""
+
+    def check() -> None:
+        if stop is not None and stop():
+            from locus.service.attribution import Cancelled
+
+            raise Cancelled("the pipeline stopped: the request ran past its time limit")
+
+    return check

@@ -6,10 +6,12 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from locus.service.attribution import Cancelled
 from locus.service.errors import ApiError
 from locus.service.factory import build_pipeline
 from locus.service.formats import FORMATS, FileAnswer, answer_field
@@ -147,12 +149,16 @@ class ServiceState:
             504 when the time limit passes; 4xx for bad images.
         """
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.executor, self._classify_sync, blobs, options, request_id, output, image_id)
-        fut.add_done_callback(lambda _f: self.admission.leave())
+        stop = threading.Event()
+        fut = loop.run_in_executor(
+            self.executor, self._classify_sync, blobs, options, request_id, output, image_id, stop.is_set
+        )
+        fut.add_done_callback(self._finished)
         limit = self.settings.request_timeout_s
         try:
             body = await asyncio.wait_for(asyncio.shield(fut), timeout=limit)
         except TimeoutError as exc:
+            stop.set()  # the work stops at its next check (between stages and IG batches) and frees the worker
             if self.metrics is not None:
                 self.metrics.rejected("timeout")
             raise ApiError(
@@ -165,13 +171,27 @@ class ServiceState:
             self.metrics.observe_field(body)
         return body
 
+    def _finished(self, fut: asyncio.Future) -> None:
+        """Free the admission slot when the work really ends (also after a timeout)."""
+        self.admission.leave()
+        if not fut.cancelled() and isinstance(fut.exception(), Cancelled):
+            log.info("work of a timed-out request stopped")
+
     def _classify_sync(
-        self, blobs: dict[str, bytes], options: ClassifyOptions, request_id: str, output: str, image_id: str
+        self,
+        blobs: dict[str, bytes],
+        options: ClassifyOptions,
+        request_id: str,
+        output: str,
+        image_id: str,
+        stop: Callable[[], bool] = lambda: False,
     ) -> ClassifyResponse | KaggleResponse | FileAnswer:
         t0 = time.perf_counter()
         image = decode_field(blobs, max_pixels=self.settings.max_image_pixels)
+        if stop():
+            raise Cancelled("stopped after decoding: the request ran past its time limit")
         decode_ms = (time.perf_counter() - t0) * 1e3
-        result = self.pipeline.run(image, options)
+        result = self.pipeline.run(image, options, stop=stop)
         result.timings_ms = {"decode": decode_ms, **result.timings_ms}
         if output == "kaggle":
             return kaggle_row(result, image_id)

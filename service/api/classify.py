@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFi
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from locus.service.api.deps import StateDep, require_api_key
+from locus.service.attribution import gradient_evaluations
 from locus.service.classes import CHANNELS, NUM_CLASSES
 from locus.service.errors import ERROR_RESPONSES, ApiError
 from locus.service.formats import FORMATS, MEDIA_TYPES, FileAnswer, FormatUnavailableError, check_format
@@ -27,18 +28,22 @@ _CHANNEL_HELP = {
 }
 
 
+_CLASS_ID = re.compile(r"[0-9]{1,2}", re.ASCII)
+
+
 def _parse_classes(text: str | None) -> tuple[int, ...] | None:
     if text is None or not text.strip():
         return None
-    try:
-        ids = tuple(sorted({int(p) for p in text.split(",") if p.strip()}))
-    except ValueError as exc:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    # ASCII digits only: int() would also take "1_0" (10) and other scripts' digits
+    if not all(_CLASS_ID.fullmatch(p) for p in parts):
         raise ApiError(
             422,
             "invalid_parameter",
-            "attribution_classes: give class ids 0-18 separated by commas",
+            "attribution_classes: give class ids 0-18 (ASCII digits) separated by commas, e.g. 2,6",
             "attribution_classes",
-        ) from exc
+        )
+    ids = tuple(sorted({int(p) for p in parts}))
     if not ids or any(not 0 <= k < NUM_CLASSES for k in ids):
         raise ApiError(
             422, "invalid_parameter", "attribution_classes: class ids must be in 0-18", "attribution_classes"
@@ -242,6 +247,15 @@ def _options(
                 "`locus export --grad`",
                 "attributions",
             )
+        if classes is not None and gradient_evaluations(1, len(classes), steps) > settings.ig_budget:
+            raise ApiError(
+                422,
+                "attribution_budget",
+                f"attributions: {len(classes)} classes at {steps} steps cost "
+                f"{gradient_evaluations(1, len(classes), steps)} gradient evaluations per cell, over the budget of "
+                f"{settings.ig_budget} per field (LOCUS_IG_BUDGET); ask for fewer classes or fewer steps",
+                "attribution_classes",
+            )
         if steps > settings.ig_max_steps:
             raise ApiError(
                 422,
@@ -258,4 +272,6 @@ def _options(
         ig_steps=steps,
         ig_baseline=ig_baseline,
         ig_max_cells=settings.ig_max_cells,
+        ig_budget=settings.ig_budget,
+        max_map_bytes=settings.max_map_bytes,
     )
