@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from locus.service import __version__
-from locus.service.api import classify, meta, observability
+from locus.service.api import classify, meta, observability, viewer
 from locus.service.errors import install_error_handlers
 from locus.service.logs import configure_logging
 from locus.service.metrics import Metrics
@@ -78,7 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(meta.router)
     app.include_router(classify.router)
     app.include_router(observability.router)
-    app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys)
+    app.include_router(viewer.router)
+    app.add_middleware(ApiKeyMiddleware, keys=app.state.api_keys, cors=bool(settings.cors_origins))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

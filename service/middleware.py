@@ -20,6 +20,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from locus.service.auth import check_authorization
+from locus.service.web import PAGE_PATHS
 
 __all__ = ["RequestIdMiddleware", "BodyLimitMiddleware", "ApiKeyMiddleware", "OPEN_PATHS"]
 
@@ -27,8 +28,10 @@ log = logging.getLogger("locus.middleware")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-#: Paths answered without an API key (probes of orchestrators and load balancers).
-OPEN_PATHS: frozenset[str] = frozenset({"/health", "/ready"})
+#: Paths answered without an API key: the probes of orchestrators and load balancers, and the viewer's page
+#: and code (``/``, ``/viewer/<file>``: no data; a browser cannot send a key with a page load, and every call
+#: the page makes carries the key).
+OPEN_PATHS: frozenset[str] = frozenset({"/health", "/ready"}) | PAGE_PATHS
 
 
 def _request_id(scope: Scope) -> str | None:
@@ -226,8 +229,8 @@ class ApiKeyMiddleware:
 
     This covers every route, the documentation (``/docs``, ``/redoc``,
     ``/openapi.json`` and their assets) and unknown paths alike, so a new route
-    cannot be left open by mistake. CORS preflight requests pass (they carry no
-    credentials by design; the CORS middleware answers them). Keys are compared
+    cannot be left open by mistake. CORS preflight requests pass only when CORS
+    is on (they carry no credentials by design; the CORS middleware answers them). Keys are compared
     in constant time and never logged.
 
     Parameters
@@ -238,9 +241,14 @@ class ApiKeyMiddleware:
         Accepted keys; empty: authentication is off.
     open_paths : iterable of str
         Paths served without a key.
+    cors : bool
+        CORS is on (``LOCUS_CORS_ORIGINS``): let preflight requests through to the CORS middleware.
     """
 
-    def __init__(self, app: ASGIApp, keys: list[bytes], open_paths: Iterable[str] = OPEN_PATHS) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: list[bytes], open_paths: Iterable[str] = OPEN_PATHS, cors: bool = False
+    ) -> None:
+        self.cors = cors
         self.app = app
         self.keys = list(keys)
         self.open_paths = frozenset(open_paths)
@@ -250,7 +258,10 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers:
+        if self.cors and scope.get("method") == "OPTIONS" and b"access-control-request-method" in headers:
+            # With CORS on, the CORS middleware answers every preflight alike (it carries no credentials by
+            # design); with CORS off a preflight is an ordinary request and needs a key like any other, so
+            # its answer cannot tell real routes from unknown ones.
             await self.app(scope, receive, send)
             return
         problem = check_authorization(headers.get(b"authorization", b"").decode("latin-1"), self.keys)

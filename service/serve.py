@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         log_config=None,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         access_log=True,
+        # h11 bounds the request line + headers it buffers (httptools has no bound): a client streaming a huge
+        # header is cut off with 400 at LOCUS_MAX_HEADER_BYTES instead of growing memory and stalling the loop.
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=settings.max_connections,
     )
     server = _draining_server_class()(config)
     server.run()

@@ -31,6 +31,13 @@ class Settings(PipelineSettings):
         120.0, gt=0, description="Longest time to receive a request body (slow uploads get 408)"
     )
 
+    max_header_bytes: int = Field(
+        64 * 1024, ge=4096, description="Largest request line + headers; more is cut off by the server with 400"
+    )
+    max_connections: int = Field(
+        256, ge=1, description="Most open connections; beyond it the server answers 503 at once"
+    )
+
     # Security and operations
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API keys (bearer)")
     api_key_file: Path | None = Field(None, description="File with one API key per line")
