@@ -430,8 +430,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser : argparse.ArgumentParser
         The subcommand's parser.
     """
-    parser.add_argument("--checkpoint", required=True, help="trained Keras model (.keras), e.g. runs/x/best.keras")
-    parser.add_argument("--out", required=True, help="model folder to write, e.g. models/my-model")
+    parser.add_argument(
+        "--checkpoint", default=None, help="trained Keras model (.keras), e.g. runs/x/best.keras (needs [train])"
+    )
+    parser.add_argument("--out", default=None, help="model folder to write, e.g. models/my-model")
     parser.add_argument(
         "--config", default=None, help="training config JSON (default: config.json next to the checkpoint)"
     )
@@ -439,6 +441,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", default=None, help="model version (default: the config's)")
     parser.add_argument("--no-grad", action="store_true", help="do not export grad.onnx")
     parser.add_argument("--grad-batch", type=int, default=None, help="fixed batch of grad.onnx")
+    from locus.training import bioimageio_export
+
+    bioimageio_export.configure_parser(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -455,6 +460,13 @@ def run(args: argparse.Namespace) -> int:
     int
         0 on success, 2 on bad input, 1 when the export fails.
     """
+    from locus.training import bioimageio_export
+
+    if getattr(args, "bioimageio", None) and not args.checkpoint:
+        return bioimageio_export.run(args)  # package an existing model folder: no TensorFlow needed
+    if not args.checkpoint or not args.out:
+        sys.stderr.write("locus export: give --checkpoint and --out (or --bioimageio DIR to package a model folder)\n")
+        return 2
     import keras
 
     from locus.training.config import load_config
@@ -505,4 +517,6 @@ def run(args: argparse.Namespace) -> int:
         f"exported {manifest.name} {manifest.version} to {args.out} (files: {', '.join(manifest.files)}; "
         f"ONNX vs Keras max abs diff {par.get('max_abs_diff', float('nan')):.2g})"
     )
+    if getattr(args, "bioimageio", None):
+        return bioimageio_export.run(args)
     return 0
