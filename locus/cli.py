@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {
     ),
     "overlay": ("locus.service.overlay", "render a field with cell outlines, labels and IG heatmaps as PNG", None),
     "hpa-export": ("locus.training.hpa_export", "convert the official HPA segmentation weights to ONNX", "hpa"),
+    "hpa-download": ("locus.training.hpa_download", "download public HPA images into the Kaggle layout", None),
+    "segment": ("locus.training.segment_cache", "segment every field once and store its label images", None),
 }
 
 

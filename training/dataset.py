@@ -217,7 +217,12 @@ def _crop_field(task: FieldTask) -> tuple[str, list[int], np.ndarray, np.ndarray
             cells = None
     cell_table = task.cell_labels
     if cells is None:
-        cells = _segment(task.segmenter, image)
+        from locus.training.segment_cache import stored_cells
+
+        # `locus segment` output of this segmenter, when current; else segment now
+        cells = stored_cells(task.paths, task.id, task.segmenter)
+        if cells is None:
+            cells = _segment(task.segmenter, image)
         if task.label_source == "cell" and task.cell_labels:
             # Train on the crops the service will make: segmented cells take the labels of the truth cell
             # they match (IoU >= 0.5); unmatched segments are left out.
