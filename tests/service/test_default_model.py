@@ -79,6 +79,7 @@ def test_calls_match_the_truth_on_held_out_hpa_sim_fields(client, fields):
     assert hits / total >= 0.7, f"top-1 correct on {hits}/{total} cells"
 
 
+@pytest.mark.slow
 def test_attributions_decode_to_the_cell_box_and_converge(client, fields):
     f = fields[0]
     r = client.post("/classify", files=_files(f.image), params={"attributions": "true", "include_masks": "false"})
@@ -98,6 +99,7 @@ def test_attributions_decode_to_the_cell_box_and_converge(client, fields):
     assert "attribute" in body["timings_ms"]
 
 
+@pytest.mark.slow
 def test_nucleoli_attribution_lights_up_the_nucleus(client):
     """A biologist's check: for a nucleoli call, the positive attribution sits in the nucleus."""
     inside = []

@@ -15,7 +15,7 @@ from locus.service.manifest import GradSpec  # noqa: E402
 from locus.training import grad_export  # noqa: E402
 from locus.training.grad_export import GradExportError, export_grad_model  # noqa: E402
 
-pytestmark = pytest.mark.train
+pytestmark = [pytest.mark.train, pytest.mark.slow]
 
 
 def _session(path):

@@ -127,6 +127,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.train
+@pytest.mark.slow
 def test_train_writes_run_folder(trained):
     config, result = trained
     run = Path(config.out)
@@ -141,6 +142,7 @@ def test_train_writes_run_folder(trained):
 
 
 @pytest.mark.train
+@pytest.mark.slow
 def test_model_folder_validates_and_serves(trained):
     import onnxruntime as ort
 
@@ -171,6 +173,7 @@ def test_model_folder_validates_and_serves(trained):
 
 
 @pytest.mark.train
+@pytest.mark.slow
 def test_locus_export_cli(trained, tmp_path):
     from locus.cli import main
 
@@ -197,6 +200,7 @@ def test_locus_export_cli(trained, tmp_path):
 
 
 @pytest.mark.train
+@pytest.mark.slow
 def test_parity_failure_raises_with_numbers(trained, tmp_path):
     from locus.training.export import ExportError, onnx_parity
 
