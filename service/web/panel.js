@@ -1,0 +1,234 @@
+// The cell panel: labels, the 19 scores as bars, the crop the model saw, integrated-gradient maps.
+
+import { CLASS_COLOURS, CLASS_NAMES } from "./classes.js";
+import { makeCanvas } from "./channels.js";
+import { decodeSignedMap } from "./png.js";
+
+const MAP_SIDE = 176; // displayed size of a crop or a map, CSS px
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "style") node.style.cssText = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c);
+  return node;
+}
+
+function fmt(x, digits = 3) {
+  return Number(x).toFixed(digits);
+}
+
+function thresholdsOf(answer, model) {
+  if (typeof answer.threshold === "number") return new Array(CLASS_NAMES.length).fill(answer.threshold);
+  return model && model.thresholds ? model.thresholds : null;
+}
+
+/** Copy an (offscreen) canvas into a visible <canvas> of the given CSS size. */
+function show(src, cssSide, smooth = false) {
+  const c = el("canvas", { className: "crop" });
+  c.width = src.width;
+  c.height = src.height;
+  c.style.width = `${cssSide}px`;
+  c.style.height = `${cssSide}px`;
+  c.style.imageRendering = smooth ? "auto" : "pixelated";
+  c.getContext("2d").drawImage(src, 0, 0);
+  return c;
+}
+
+/**
+ * Fill the panel for one cell.
+ * @param {HTMLElement} root
+ * @param {{cell: object, answer: object, model: object, view: import("./view.js").FieldView,
+ *   explain: (() => void) | null, explaining: boolean, askedAttributions: boolean, igLimit: number | null}} o
+ */
+export function renderCell(root, o) {
+  const { cell, answer, model, view } = o;
+  root.replaceChildren();
+  root.dataset.cellId = String(cell.id);
+  const b = cell.bbox;
+  root.append(
+    el(
+      "div",
+      { class: "cell-head" },
+      el("h2", {}, `Cell ${cell.id}`),
+      el(
+        "p",
+        { class: "muted" },
+        `${cell.area.toLocaleString()} px · rows ${b.row0}–${b.row1} · cols ${b.col0}–${b.col1}` +
+          (cell.touches_border ? " · cut by the border" : ""),
+      ),
+    ),
+  );
+  const chips = el("div", { class: "chips", "data-role": "labels" });
+  if (!cell.labels.length) chips.append(el("span", { class: "chip none" }, "no class above its threshold"));
+  for (const l of cell.labels) {
+    chips.append(
+      el(
+        "span",
+        { class: "chip", style: `--c:${CLASS_COLOURS[l.class_id]}`, "data-class": String(l.class_id) },
+        el("span", { class: "label-name" }, l.name),
+        el("b", {}, fmt(l.confidence, 2)),
+      ),
+    );
+  }
+  root.append(chips);
+
+  // the crop as the model saw it
+  const rule = model && model.crop ? { ...model.crop, size: model.crop.size || model.input.shape[1] } : null;
+  let crop = null;
+  if (rule && view.layers.length) {
+    crop = view.cellCrop(cell.id, rule);
+    root.append(
+      el(
+        "figure",
+        { class: "crop-figure" },
+        show(crop.input, MAP_SIDE),
+        el(
+          "figcaption",
+          { class: "muted" },
+          `Model input ${rule.size}×${rule.size} px: a ${crop.side} px window around the cell` +
+            (rule.mask_other_cells ? ", other cells blanked" : "") +
+            " (channels as shown)",
+        ),
+      ),
+    );
+  }
+
+  // the 19 scores
+  root.append(el("h3", {}, "Scores"));
+  if (Array.isArray(cell.scores)) {
+    const thr = thresholdsOf(answer, model);
+    const called = new Set(cell.labels.map((l) => l.class_id));
+    const bars = el("div", { class: "bars", "data-role": "scores" });
+    cell.scores.forEach((s, k) => {
+      const row = el(
+        "div",
+        { class: `bar-row${called.has(k) ? " called" : ""}`, "data-class": String(k), title: `${CLASS_NAMES[k]}: ${s}` },
+        el("span", { class: "bar-name" }, CLASS_NAMES[k]),
+        el(
+          "span",
+          { class: "track" },
+          el("span", { class: "fill", style: `width:${(100 * s).toFixed(2)}%;--c:${CLASS_COLOURS[k]}` }),
+          thr ? el("span", { class: "tick", style: `left:${(100 * thr[k]).toFixed(2)}%`, title: `threshold ${thr[k]}` }) : null,
+        ),
+        el("span", { class: "bar-value" }, fmt(s, 3)),
+      );
+      bars.append(row);
+    });
+    root.append(bars);
+    if (thr) root.append(el("p", { class: "muted small" }, "Ticks: the decision threshold of each class."));
+  } else {
+    root.append(el("p", { class: "muted" }, "Run with “all 19 scores” on to see every class."));
+  }
+
+  // integrated gradients
+  root.append(el("h3", {}, "Integrated gradients"));
+  if (Array.isArray(cell.attributions) && cell.attributions.length) {
+    const grid = el("div", { class: "ig-grid", "data-role": "attributions" });
+    root.append(grid);
+    root.append(
+      el(
+        "p",
+        { class: "muted small" },
+        "Hot: pixels that raise the score; blue: pixels that lower it (over the cell's own pixels, scaled per map).",
+      ),
+    );
+    for (const a of cell.attributions) {
+      const fig = el("figure", { class: "ig", "data-class": String(a.class_id) });
+      grid.append(fig);
+      drawAttribution(fig, a, cell, view, crop).catch((err) => fig.append(el("p", { class: "error" }, err.message)));
+    }
+  } else if (Array.isArray(cell.attributions) || o.askedAttributions) {
+    root.append(
+      el(
+        "p",
+        { class: "muted" },
+        o.igLimit
+          ? `No maps for this cell: the service explains the first ${o.igLimit} cells of a field (LOCUS_IG_MAX_CELLS).`
+          : "No maps for this cell.",
+      ),
+    );
+  } else if (model && !model.attributions) {
+    root.append(el("p", { class: "muted" }, "This model folder has no gradient model (grad.onnx)."));
+  } else if (o.explain) {
+    const button = el("button", { type: "button", class: "secondary", "data-role": "explain" }, "Compute maps");
+    button.disabled = o.explaining;
+    button.addEventListener("click", () => o.explain());
+    root.append(
+      button,
+      el("p", { class: "muted small" }, "Runs the field again with attributions=true (seconds per cell on a CPU)."),
+    );
+  }
+}
+
+function heatColour(v) {
+  // v in [-1, 1]: hot (dark red -> yellow -> white) for positive, blue for negative; as locus overlay
+  if (v > 0) {
+    const r = Math.max(0.35, Math.min(1, 3 * v));
+    const g = Math.min(1, Math.max(0, 3 * v - 1));
+    const b = Math.min(1, Math.max(0, 3 * v - 2));
+    return [r, g, b];
+  }
+  const n = -v;
+  return [0, 0.4 * n, 0.4 + 0.6 * n];
+}
+
+async function drawAttribution(fig, a, cell, view, crop) {
+  const map = await decodeSignedMap(a.map);
+  const entry = view.byId.get(cell.id);
+  const mask = entry ? entry.mask : null;
+  // scale: 99th percentile of |value| over the cell's pixels
+  const mags = [];
+  for (let i = 0; i < map.values.length; i++) if (!mask || mask.data[i]) mags.push(Math.abs(map.values[i]));
+  mags.sort((x, y) => x - y);
+  const peak = mags.length ? mags[Math.min(mags.length - 1, Math.floor(0.99 * mags.length))] || 1 : 1;
+  const heat = makeCanvas(map.w, map.h);
+  const hctx = heat.getContext("2d");
+  const img = hctx.createImageData(map.w, map.h);
+  for (let i = 0; i < map.values.length; i++) {
+    if (mask && !mask.data[i]) continue;
+    const v = Math.max(-1, Math.min(1, map.values[i] / peak));
+    const [r, g, b] = heatColour(v);
+    img.data[4 * i] = 255 * r;
+    img.data[4 * i + 1] = 255 * g;
+    img.data[4 * i + 2] = 255 * b;
+    img.data[4 * i + 3] = 255 * Math.min(0.9, 0.15 + Math.abs(v));
+  }
+  hctx.putImageData(img, 0, 0);
+  // the window (as the model saw it), dimmed to gray, with the heat over the cell's box
+  const side = crop ? crop.side : Math.max(map.w, map.h);
+  const out = makeCanvas(side, side);
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, side, side);
+  if (crop) {
+    ctx.filter = "grayscale(1) brightness(0.55)";
+    ctx.drawImage(crop.window, 0, 0);
+    ctx.filter = "none";
+  }
+  const x = crop ? a.bbox.col0 - crop.wc0 : 0;
+  const y = crop ? a.bbox.row0 - crop.wr0 : 0;
+  ctx.drawImage(heat, x, y);
+  const totals = Object.entries(a.channel_totals)
+    .map(([c, v]) => `${c[0].toUpperCase()} ${v >= 0 ? "+" : ""}${v.toFixed(2)}`)
+    .join(" ");
+  fig.append(
+    show(out, MAP_SIDE, true),
+    el(
+      "figcaption",
+      {},
+      el("b", { style: `color:${CLASS_COLOURS[a.class_id]}` }, a.name),
+      el("span", { class: "muted small" }, ` score ${fmt(a.score, 2)} (baseline ${fmt(a.baseline_score, 2)})`),
+      el("br"),
+      el(
+        "span",
+        { class: "muted small", title: "Attribution summed per input channel" },
+        `${totals} · completeness ${(100 * a.completeness_error).toFixed(2)} %`,
+      ),
+    ),
+  );
+}
