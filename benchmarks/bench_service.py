@@ -44,6 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from locus.service.classes import CHANNELS  # noqa: E402
 
@@ -373,6 +374,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()), help="where fields are cached")
     p.add_argument("--api-key", default=os.environ.get("LOCUS_API_KEY"), help="bearer key, if the service needs one")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
+    p.add_argument(
+        "--formats",
+        action="store_true",
+        help="per-stage p50 vs floors for tinted JPEG, PNG 8/16-bit and TIFF at --format-sizes (see bench_formats.py)",
+    )
+    p.add_argument("--format-sizes", default="1728,2048,3072", help="field sides for --formats")
+    p.add_argument("--format-kinds", default="jpeg-tinted,png8,png16,tiff16", help="input kinds for --formats")
+    p.add_argument("--reps", type=int, default=3, help="requests per case for --formats")
     return p.parse_args(argv)
 
 
@@ -388,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     folder, ids = make_fields(args.fields, args.size, args.seed, args.cache_dir)
     print(f"{len(ids)} fields of {args.size}² in {folder} ({time.perf_counter() - t:.1f} s)")
+    if args.formats:
+        return run_formats(args, model)
     if args.url:
         service = bench_service(
             args.url.rstrip("/"), folder, ids, args.concurrency, args.requests, args.server_pid, args.api_key
@@ -400,6 +411,39 @@ def main(argv: list[str] | None = None) -> int:
     print_report(service, naive)
     if args.json:
         args.json.write_text(json.dumps({"service": service, "naive": naive}, indent=2))
+    return 0
+
+
+def run_formats(args: argparse.Namespace, model: Path) -> int:
+    """``--formats``: the real input kinds, stage by stage, then the naive pipeline on JPEG and 16-bit PNG."""
+    from bench_formats import bench_formats, cases, print_header
+
+    sizes = [int(s) for s in args.format_sizes.split(",") if s]
+    kinds = [k for k in args.format_kinds.split(",") if k]
+    with start_server(model, args.segmenter, {}) as (url, pid):
+        print_header()
+        rows = bench_formats(url, pid, model, sizes, kinds, args.reps, args.seed)
+    if args.naive:
+        print("\nnaive notebook pipeline (full-resolution segmentation + model.predict per cell), one field each:")
+        tmp = Path(tempfile.mkdtemp(prefix="locus-bench-naive-"))
+        for kind in ("jpeg-tinted", "png16"):
+            name = next((n for n in cases([2048], [kind], args.seed) if n.startswith("sim")), None)
+            files = cases([2048], [kind], args.seed)[name]
+            from locus.service.imaging import decode_field
+
+            image = decode_field(files)
+            for k, c in enumerate(CHANNELS):
+                cv2.imwrite(str(tmp / f"F_{c}.png"), image[:, :, k])
+            naive = bench_naive(tmp, ["F"], model, 1)
+            if "skipped" in naive:
+                print(naive["skipped"])
+                break
+            ours = next(r for r in rows if r["case"] == name)
+            ratio = naive["latency_ms"]["p50"] / ours["wall_p50"]
+            naive_ms = naive["latency_ms"]["p50"]
+            print(f"  {name}: naive {naive_ms:.0f} ms vs service {ours['wall_p50']:.0f} ms: {ratio:.1f}x")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
     return 0
 
 
