@@ -16,11 +16,10 @@ numbers; it does not assert anything.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -29,43 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from locus.service.metric import segmentation_scores  # noqa: E402
 from locus.service.segmentation import make_segmenter  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "hpa-samples"
-
-
-def _own_scores(pred: np.ndarray, true: np.ndarray, iou_threshold: float = 0.5) -> dict[str, float | int]:
-    """One-to-one matching at IoU >= threshold (unique above 0.5), used when locus.service.metric is absent."""
-    n_pred, n_true = int(pred.max()), int(true.max())
-    inter = np.bincount(
-        true.ravel().astype(np.int64) * (n_pred + 1) + pred.ravel(), minlength=(n_true + 1) * (n_pred + 1)
-    ).reshape(n_true + 1, n_pred + 1)[1:, 1:]
-    at = np.bincount(true.ravel(), minlength=n_true + 1)[1:, None]
-    ap = np.bincount(pred.ravel(), minlength=n_pred + 1)[None, 1:]
-    iou = inter / np.maximum(at + ap - inter, 1)
-    matched = iou[iou >= iou_threshold]
-    n_pred = int((ap > 0).sum())
-    n_true = int((at > 0).sum())
-    n = matched.size
-    return {
-        "n_pred": n_pred,
-        "n_true": n_true,
-        "n_matched": n,
-        "precision": n / n_pred if n_pred else float(n_true == 0),
-        "recall": n / n_true if n_true else float(n_pred == 0),
-        "f1": 2 * n / (n_pred + n_true) if n_pred + n_true else 1.0,
-        "mean_iou": float(matched.mean()) if n else math.nan,
-    }
-
-
-def scorer() -> tuple[str, Callable[[np.ndarray, np.ndarray], dict]]:
-    """The project's ``segmentation_scores`` when importable, else a local equivalent."""
-    try:
-        from locus.service.metric import segmentation_scores
-
-        return "locus.service.metric.segmentation_scores", segmentation_scores
-    except Exception:  # noqa: BLE001 - any import problem means: use the local one
-        return "local matcher", _own_scores
 
 
 def fields(n: int, side: int, seed: int) -> tuple[str, Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
@@ -94,7 +60,7 @@ def fields(n: int, side: int, seed: int) -> tuple[str, Iterator[tuple[np.ndarray
 def run(n: int, side: int, seed: int, options: dict) -> dict[str, float]:
     """Segment ``n`` fields at ``side``² and print and return averaged scores."""
     source, it = fields(n, side, seed)
-    _, score = scorer()
+    score = segmentation_scores
     seg = make_segmenter("classical", **options)
     rows = []
     for image, true_cells, true_nuclei in it:
@@ -190,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.option:
         key, _, value = item.partition("=")
         options[key] = eval(value, {}, {})  # noqa: S307 - a developer's own command line
-    print(f"scores: {scorer()[0]}; options: {options or 'defaults'}")
+    print(f"scores: locus.service.metric.segmentation_scores; options: {options or 'defaults'}")
     if args.n512:
         run(args.n512, 512, args.seed, options)
     if args.n2048:

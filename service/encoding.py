@@ -73,7 +73,19 @@ def encode_mask_coco(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": _counts_str(rle["counts"])}
 
 
-def _as_pycoco(rle: dict) -> dict:
+def as_pycoco(rle: dict) -> dict:
+    """A COCO RLE as pycocotools takes it: compressed counts as bytes, or an uncompressed counts list converted.
+
+    Parameters
+    ----------
+    rle : dict
+        ``{"size": [h, w], "counts": str | bytes | list}``.
+
+    Returns
+    -------
+    dict
+        The same mask, ``counts`` as compressed bytes.
+    """
     counts = rle["counts"]
     h, w = (int(v) for v in rle["size"])
     if isinstance(counts, list | tuple | np.ndarray):
@@ -96,7 +108,7 @@ def decode_mask_coco(rle: dict) -> np.ndarray:
     numpy.ndarray
         Shape (H, W), ``bool``.
     """
-    return mask_utils.decode(_as_pycoco(rle)).astype(bool)
+    return mask_utils.decode(as_pycoco(rle)).astype(bool)
 
 
 def rle_to_kaggle(rle: dict) -> str:
@@ -112,7 +124,7 @@ def rle_to_kaggle(rle: dict) -> str:
     str
         ASCII base64 text.
     """
-    counts = _as_pycoco(rle)["counts"]
+    counts = as_pycoco(rle)["counts"]
     return base64.b64encode(zlib.compress(counts, 9)).decode("ascii")
 
 

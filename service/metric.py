@@ -47,7 +47,7 @@ from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 
 from locus.service.classes import CLASS_NAMES, NUM_CLASSES
-from locus.service.encoding import encode_label_masks, kaggle_to_rle
+from locus.service.encoding import as_pycoco, encode_label_masks, kaggle_to_rle
 
 __all__ = [
     "IOU_THRESHOLD",
@@ -70,16 +70,6 @@ GTCell = tuple[dict, Sequence[int]]
 Prediction = tuple[int, float, "dict | str"]
 
 
-def _to_pycoco(rle: dict) -> dict:
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    elif not isinstance(counts, bytes):
-        h, w = (int(v) for v in rle["size"])
-        return mask_utils.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
-
-
 def mask_ious(pred_rles: Sequence[dict], gt_rles: Sequence[dict]) -> np.ndarray:
     """IoU of every prediction mask with every GT mask.
 
@@ -95,8 +85,8 @@ def mask_ious(pred_rles: Sequence[dict], gt_rles: Sequence[dict]) -> np.ndarray:
     """
     if len(pred_rles) == 0 or len(gt_rles) == 0:
         return np.zeros((len(pred_rles), len(gt_rles)), dtype=np.float64)
-    dts = [_to_pycoco(r) for r in pred_rles]
-    gts = [_to_pycoco(r) for r in gt_rles]
+    dts = [as_pycoco(r) for r in pred_rles]
+    gts = [as_pycoco(r) for r in gt_rles]
     sizes = {tuple(r["size"]) for r in dts} | {tuple(r["size"]) for r in gts}
     if len(sizes) != 1:
         raise ValueError(f"masks of one image must share one size; got {sorted(sizes)}")
@@ -467,6 +457,40 @@ def evaluate_folder(
     return evaluate(truth, read_submission(submission_csv), iou_threshold, sizes=sizes)
 
 
+def label_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every pair of labels of two label images (the one label-overlap matcher of Locus).
+
+    Parameters
+    ----------
+    a, b : numpy.ndarray
+        (H, W) integer label images, 0 = background, same shape.
+
+    Returns
+    -------
+    a_ids, b_ids : numpy.ndarray
+        The non-zero labels present in ``a`` and in ``b``, increasing.
+    iou : numpy.ndarray
+        (len(a_ids), len(b_ids)) ``float64`` intersection over union.
+    """
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"label images differ in shape: {a.shape} vs {b.shape}")
+    a_ids, a_inv = np.unique(a.ravel(), return_inverse=True)
+    b_ids, b_inv = np.unique(b.ravel(), return_inverse=True)
+    a_area = np.bincount(a_inv, minlength=len(a_ids))
+    b_area = np.bincount(b_inv, minlength=len(b_ids))
+    both = (a.ravel() != 0) & (b.ravel() != 0)
+    inter = np.bincount(a_inv[both] * len(b_ids) + b_inv[both], minlength=len(a_ids) * len(b_ids))
+    inter = inter.reshape(len(a_ids), len(b_ids)).astype(np.float64)
+    a_keep = a_ids != 0
+    b_keep = b_ids != 0
+    inter = inter[np.ix_(a_keep, b_keep)]
+    union = a_area[a_keep][:, None] + b_area[b_keep][None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return a_ids[a_keep], b_ids[b_keep], iou
+
+
 def segmentation_scores(
     pred_labels: np.ndarray, true_labels: np.ndarray, iou_threshold: float = 0.5
 ) -> dict[str, float | int]:
@@ -489,23 +513,8 @@ def segmentation_scores(
         matched pairs (NaN without matches); ``iou_threshold``. Matches are
         the IoU-maximising one-to-one assignment among pairs over the threshold.
     """
-    pred = np.asarray(pred_labels)
-    true = np.asarray(true_labels)
-    if pred.shape != true.shape:
-        raise ValueError(f"label images differ in shape: {pred.shape} vs {true.shape}")
-    p_ids, p_inv = np.unique(pred.ravel(), return_inverse=True)
-    t_ids, t_inv = np.unique(true.ravel(), return_inverse=True)
-    p_area = np.bincount(p_inv, minlength=len(p_ids))
-    t_area = np.bincount(t_inv, minlength=len(t_ids))
-    both = (pred.ravel() != 0) & (true.ravel() != 0)
-    inter = np.bincount(p_inv[both] * len(t_ids) + t_inv[both], minlength=len(p_ids) * len(t_ids))
-    inter = inter.reshape(len(p_ids), len(t_ids)).astype(np.float64)
-    p_keep = p_ids != 0
-    t_keep = t_ids != 0
-    inter = inter[np.ix_(p_keep, t_keep)]
-    union = p_area[p_keep][:, None] + t_area[t_keep][None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    n_pred, n_true = int(p_keep.sum()), int(t_keep.sum())
+    _, _, iou = label_iou(pred_labels, true_labels)
+    n_pred, n_true = iou.shape
     matched_ious = np.zeros(0)
     if n_pred and n_true:
         cand = np.where(iou >= iou_threshold, iou, 0.0)

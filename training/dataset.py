@@ -186,18 +186,13 @@ def _labels_by_match(
     dict
         Segmented cell id -> class ids, for matched cells only.
     """
-    seg = cells.astype(np.int64, copy=False).ravel()
-    tru = truth.astype(np.int64, copy=False).ravel()
-    both = (seg > 0) & (tru > 0)
-    pairs, inter = np.unique(seg[both] * (int(tru.max()) + 1) + tru[both], return_counts=True)
-    seg_area = np.bincount(seg)
-    tru_area = np.bincount(tru)
+    from locus.service.metric import label_iou
+
+    seg_ids, tru_ids, iou = label_iou(cells, truth)
     out: dict[int, tuple[int, ...]] = {}
-    for code, n in zip(pairs, inter, strict=True):
-        s_id, t_id = divmod(int(code), int(tru.max()) + 1)
-        iou = n / (seg_area[s_id] + tru_area[t_id] - n)
-        if iou >= min_iou and t_id in truth_labels:
-            out[s_id] = tuple(truth_labels[t_id])
+    for i, j in zip(*np.nonzero(iou >= min_iou), strict=True):
+        if int(tru_ids[j]) in truth_labels:
+            out[int(seg_ids[i])] = tuple(truth_labels[int(tru_ids[j])])
     return out
 
 
