@@ -779,7 +779,8 @@ def predict_ray(
     dict
         ``fields`` (found), ``done`` (classified now), ``skipped`` (already in the CSV), ``errors``,
         ``cells``, ``actors``, ``startup_s`` (Ray start or connect), ``run_s`` (the Ray job, actors'
-        start included), ``ready_s`` (until the first actor had its pipeline), ``per_actor``
+        start included), ``ready_s`` (until the first actor had its pipeline), ``busy_s`` (from then
+        to the last field's end), ``field_seconds`` (each field's time inside its actor), ``per_actor``
         (fields per actor), and the output paths.
     """
     from tqdm import tqdm
@@ -806,6 +807,8 @@ def predict_ray(
         "startup_s": 0.0,
         "run_s": 0.0,
         "ready_s": None,
+        "busy_s": None,
+        "field_seconds": [],
         "per_actor": {},
         "out": str(out),
         "cells_out": str(cells_path),
@@ -856,6 +859,7 @@ def predict_ray(
                 pending_cells: list[Any] = []
                 last_flush = time.perf_counter()
                 first_ready: float | None = None
+                last_end = 0.0
                 t_job = time.time()
 
                 def flush() -> None:
@@ -871,6 +875,8 @@ def predict_ray(
                     for rec in _iter_results(ray, todo, predictor_kwargs, n_actors, cpus, gpus, batch_size):
                         ready = rec["actor_ready"]
                         first_ready = ready if first_ready is None else min(first_ready, ready)
+                        last_end = max(last_end, rec["t_end"])
+                        stats["field_seconds"].append(rec["t_end"] - rec["t_start"])
                         stats["per_actor"][rec["actor"]] = stats["per_actor"].get(rec["actor"], 0) + 1
                         if rec["ok"]:
                             preds = parse_prediction_string(rec["prediction_string"])
@@ -892,6 +898,7 @@ def predict_ray(
                 stats["run_s"] = time.perf_counter() - t1
                 if first_ready is not None:
                     stats["ready_s"] = max(0.0, first_ready - t_job)
+                    stats["busy_s"] = max(0.0, last_end - first_ready)
             finally:
                 if started_here:
                     ray.shutdown()
