@@ -159,3 +159,61 @@ def test_green_compartments_match_labels(fields: list[SimField]):
     assert np.median(nuc_ratio) > 4.0, nuc_ratio
     assert np.median(cyt_ratio) < 0.25, cyt_ratio
     assert min(nuc_ratio) > 1.5 and max(cyt_ratio) < 0.6
+
+
+def _whole_cell_diameters(cells: np.ndarray) -> list[float]:
+    """Equivalent-area diameters (px) of the cells not cut by the field's border, from a truth mask."""
+    ids, counts = np.unique(cells, return_counts=True)
+    border = set(np.unique(np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]])).tolist())
+    return [2.0 * np.sqrt(c / np.pi) for i, c in zip(ids, counts, strict=True) if i > 0 and int(i) not in border]
+
+
+@pytest.mark.parametrize(("size", "diameter"), [(256, 40.0), (384, 90.0), (512, 150.0)])
+def test_cell_diameter_sets_cell_size_in_pixels(size: int, diameter: float):
+    """The median whole-cell diameter on the truth masks is the one asked for, whatever the field size."""
+    config = SimConfig(size=size, cell_diameter_px=diameter, noise=0.0)
+    d = []
+    for i in range(4 if diameter < 100 else 10):
+        d += _whole_cell_diameters(generate_field(i, 21, config).cells)
+    assert len(d) >= 5
+    assert abs(np.median(d) / diameter - 1.0) < 0.2, (np.median(d), diameter)
+
+
+def test_field_size_and_magnification_are_independent():
+    """Same magnification, bigger field: same cell size, more cells; pixel size maps to the same scale."""
+    small = [generate_field(i, 3, SimConfig(size=256, cell_diameter_px=50.0)) for i in range(3)]
+    large = [generate_field(i, 3, SimConfig(size=512, cell_diameter_px=50.0)) for i in range(3)]
+    d_small = np.median([d for f in small for d in _whole_cell_diameters(f.cells)])
+    d_large = np.median([d for f in large for d in _whole_cell_diameters(f.cells)])
+    assert abs(d_small / d_large - 1.0) < 0.15
+    n_small = sum(int(f.cells.max()) for f in small)
+    n_large = sum(int(f.cells.max()) for f in large)
+    assert n_large > 2.5 * n_small, "four times the area holds several times the cells"
+    # pixel_size_um: 0.16 um per pixel is half the 0.08 reference magnification
+    by_pixel = SimConfig(size=256, pixel_size_um=0.16)
+    assert by_pixel.scale == pytest.approx(0.5)
+    assert by_pixel.effective_pixel_size_um == pytest.approx(0.16)
+    # default: the magnification follows the field size (the same field of view at another resolution)
+    assert SimConfig(size=1024).scale == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        SimConfig(cell_diameter_px=100.0, pixel_size_um=0.1)
+
+
+def test_realistic_cell_and_nucleus_details():
+    """Teardrop/spindle cells (elongated outlines), binucleate cells and overlap zones occur."""
+    fields = [generate_field(i, 9, SimConfig(size=384, cell_diameter_px=70.0)) for i in range(6)]
+    n_nuclei_blobs, multi, overlap, elong = 0, 0, 0.0, []
+    for f in fields:
+        for k in range(1, int(f.cells.max()) + 1):
+            nm = (f.nuclei == k).astype(np.uint8)
+            n_blobs = cv2.connectedComponents(nm)[0] - 1
+            n_nuclei_blobs += n_blobs
+            multi += n_blobs >= 2
+            ys, xs = np.nonzero(f.cells == k)
+            if len(xs) > 50:
+                ev = np.linalg.eigvalsh(np.cov(np.stack([xs, ys])))
+                elong.append(np.sqrt(ev[1] / max(ev[0], 1e-6)))
+        overlap += float(f.overlap_fraction)
+    assert multi >= 1, "some cells hold two nuclei"
+    assert overlap > 0, "some cells overlap a neighbour"
+    assert np.percentile(elong, 90) > 2.0, "a share of the cells is drawn out (teardrop / spindle)"

@@ -27,6 +27,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--start", type=int, default=0, help="index of the first field (default 0)")
     parser.add_argument("--cell-scale", type=float, default=1.0, help="multiplier on cell size (default 1.0)")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--cell-diameter",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="median cell diameter in pixels, independent of --size (default: follows --size, ~0.16 x size)",
+    )
+    scale.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="pixel size in micrometres (HPA confocal: 0.08; cells ~27 um across); independent of --size",
+    )
     parser.add_argument("--mitotic-fraction", type=float, default=0.03, help="share of mitotic cells")
     parser.add_argument("--noise", type=float, default=1.0, help="noise multiplier (0: none)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -58,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             cell_scale=args.cell_scale,
             mitotic_fraction=args.mitotic_fraction,
             noise=args.noise,
+            cell_diameter_px=getattr(args, "cell_diameter", None),
+            pixel_size_um=getattr(args, "pixel_size", None),
         )
     except ValueError as exc:
         sys.stderr.write(f"locus sim: {exc}\n")

@@ -38,9 +38,25 @@ from locus.training.sim.patterns import (
     yellow_channel,
 )
 
-__all__ = ["SIM_VERSION", "SimConfig", "SimField", "generate_field", "write_dataset", "field_id"]
+__all__ = [
+    "REF_CELL_DIAMETER_PX",
+    "REF_PIXEL_SIZE_UM",
+    "SIM_VERSION",
+    "SimConfig",
+    "SimField",
+    "generate_field",
+    "write_dataset",
+    "field_id",
+]
 
-SIM_VERSION = "1.0"
+#: Pixel size of the 2048² reference scale in micrometres (HPA confocal images, 63x objective).
+REF_PIXEL_SIZE_UM = 0.08
+#: Median equivalent diameter (diameter of the disc of equal area) of whole cells at the reference scale,
+#: measured on HPA-sim truth masks; ``cell_diameter_px`` is relative to it.
+REF_CELL_DIAMETER_PX = 335.0
+_MAX_SEED_CELLS = 3000
+
+SIM_VERSION = "2.0"
 MITOTIC_SPINDLE = 11
 
 #: Primary classes in one balanced cycle: every class once, nucleoplasm and cytosol (the commonest HPA
@@ -81,12 +97,22 @@ class SimConfig:
     ----------
     size : int
         Side of the square field in pixels (2048 is real HPA resolution; 512 the same field at 1/4).
+        Without ``cell_diameter_px`` or ``pixel_size_um`` the magnification follows the field size (the same
+        field of view at another resolution): cells about ``0.15 * size`` across.
     bit_depth : int
         8 or 16: dtype of the channel images.
     cell_scale : float
         Multiplier on cell size (1.0: cells 250-400 px across at 2048², ~60-100 px at 512²).
     n_cells : tuple of int
-        Range of the number of cells seeded in the field (before border cells are dropped).
+        Range of the number of cells seeded in a field that spans 2048 reference pixels (0.08 um each,
+        164 um); the count follows the field's area in those units, so a field that sees more holds more cells
+        (capped at 3000). Cells cut by the border are then dropped.
+    cell_diameter_px : float, optional
+        Median cell diameter in pixels (equivalent-area diameter of whole cells), independent of ``size``:
+        the magnification. Overrides the size-proportional default; ``cell_scale`` still multiplies it.
+    pixel_size_um : float, optional
+        Pixel size in micrometres (HPA's confocal images: 0.08); cells are about 24 um across, so
+        ``pixel_size_um=0.16`` gives cells about 150 px across. Give this or ``cell_diameter_px``, not both.
     mitotic_fraction : float
         Probability that a cell is mitotic (fields with a spindle protein always get a few).
     negative_field_fraction : float
@@ -105,6 +131,24 @@ class SimConfig:
     negative_field_fraction: float = 0.05
     noise: float = 1.0
     illumination: float = 1.0
+    cell_diameter_px: float | None = None
+    pixel_size_um: float | None = None
+
+    @property
+    def scale(self) -> float:
+        """Pixel scale relative to the 2048² reference field (lengths there are multiplied by this)."""
+        if self.cell_diameter_px is not None:
+            base = float(self.cell_diameter_px) / REF_CELL_DIAMETER_PX
+        elif self.pixel_size_um is not None:
+            base = REF_PIXEL_SIZE_UM / float(self.pixel_size_um)
+        else:
+            base = self.size / 2048.0
+        return base * self.cell_scale
+
+    @property
+    def effective_pixel_size_um(self) -> float:
+        """The pixel size in micrometres that this configuration draws at."""
+        return REF_PIXEL_SIZE_UM / self.scale
 
     def __post_init__(self) -> None:
         if self.bit_depth not in (8, 16):
@@ -113,6 +157,12 @@ class SimConfig:
             raise ValueError(f"size must be at least 64 px, got {self.size}")
         if self.cell_scale <= 0:
             raise ValueError("cell_scale must be positive")
+        if self.cell_diameter_px is not None and self.pixel_size_um is not None:
+            raise ValueError("give cell_diameter_px or pixel_size_um, not both")
+        if self.cell_diameter_px is not None and not 8 <= self.cell_diameter_px <= 4096:
+            raise ValueError(f"cell_diameter_px must be within 8-4096, got {self.cell_diameter_px}")
+        if self.pixel_size_um is not None and not 0.005 <= self.pixel_size_um <= 5.0:
+            raise ValueError(f"pixel_size_um must be within 0.005-5, got {self.pixel_size_um}")
         self.n_cells = (int(self.n_cells[0]), int(self.n_cells[1]))
         if not 1 <= self.n_cells[0] <= self.n_cells[1]:
             raise ValueError(f"n_cells must be a range lo <= hi with lo >= 1, got {self.n_cells}")
@@ -136,6 +186,8 @@ class SimField:
         The field's intended protein localisation set (primary class first), before per-cell heterogeneity.
     mitotic : list of int
         Ids of mitotic cells.
+    overlap_fraction : float
+        Share of the field's pixels where one cell lies over another (stains add up there).
     """
 
     image: np.ndarray
@@ -144,6 +196,7 @@ class SimField:
     cell_labels: dict[int, list[int]]
     field_labels: list[int] = field(default_factory=list)
     mitotic: list[int] = field(default_factory=list)
+    overlap_fraction: float = 0.0
 
     @property
     def image_labels(self) -> list[int]:
@@ -249,8 +302,10 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     config = config or SimConfig()
     rng = _field_rng(seed, index)
     size = int(config.size)
-    scale = size / 2048.0 * config.cell_scale
-    n_cells = tuple(max(1, int(round(v / config.cell_scale**2))) for v in config.n_cells)
+    scale = config.scale
+    # Cells seeded in proportion to the area seen (in reference units), as a microscope at this magnification.
+    area = (size / (2048.0 * scale)) ** 2
+    n_cells = tuple(min(_MAX_SEED_CELLS, max(1, int(round(v * area)))) for v in config.n_cells)
     field_set = _sample_field_set(rng, config, seed, index)
     want_spindle = MITOTIC_SPINDLE in field_set
     geo = make_geometry(
@@ -287,6 +342,8 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
         lut = np.zeros(n + 1, np.float32)
         lut[ids] = per_cell[ids] * protein_gain * rel
         green += PATTERNS[c](ctx, ids) * lut[geo.cells]
+    # Where one cell lies over another, both cells' protein adds up.
+    green *= 1.0 + 0.35 * geo.overlap
 
     # Acquisition: uneven illumination, background, shot and read noise, quantisation.
     g = 64
@@ -313,6 +370,7 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
         cell_labels=cell_labels,
         field_labels=field_set,
         mitotic=[int(k) + 1 for k in np.flatnonzero(geo.mitotic)],
+        overlap_fraction=float((geo.overlap > 0.5).mean()),
     )
 
 

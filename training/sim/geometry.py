@@ -3,11 +3,14 @@
 Cells are grown from seed points placed by dart throwing (Poisson-disc with a
 per-cell radius and a smooth density field, so cells cluster with background
 between groups). Each cell owns an ellipse-like territory with a noisy radial
-profile; touching territories are split by a weighted Voronoi rule (the
-smallest normalised elliptical distance wins) whose boundaries are perturbed
-by smooth noise. Each cell holds one nucleus (a smaller noisy ellipse, or a
-condensed metaphase plate for mitotic cells). All lengths are given at the
-2048-pixel reference scale and multiplied by ``scale``.
+profile, some drawn out into one tapering process (teardrop) or two (spindle);
+touching territories are split by a weighted Voronoi rule (the smallest
+normalised elliptical distance wins) whose boundaries are perturbed by smooth
+noise, and where one of two touching cells overlaps the other the shared zone
+is recorded (its stains add up). Each cell holds one nucleus (a smaller noisy
+ellipse, or a condensed metaphase plate for mitotic cells); a few hold two.
+All lengths are given at the 2048-pixel reference scale (0.08 um per pixel,
+HPA's confocal images) and multiplied by ``scale``.
 """
 
 from __future__ import annotations
@@ -83,6 +86,11 @@ class FieldGeometry:
         float32 map in [0, 1] of nucleoli (inside nuclei of interphase cells).
     nucleoli_spots : list of numpy.ndarray
         Per cell, (k, 3) x, y, radius of its nucleoli.
+    overlap : numpy.ndarray
+        float32 map in [0, 1]: where a cell lies over its neighbour (both cells' stains add up there;
+        the label image gives the pixel to one of them, as a segmentation would).
+    multinucleate : numpy.ndarray
+        (n,) bool, the cell holds two nuclei (one nucleus label, two blobs).
     """
 
     cells: np.ndarray
@@ -99,6 +107,8 @@ class FieldGeometry:
     spindle_angle: np.ndarray
     nucleoli: np.ndarray
     nucleoli_spots: list[np.ndarray]
+    overlap: np.ndarray
+    multinucleate: np.ndarray
 
 
 def _place_seeds(
@@ -144,9 +154,22 @@ def _radial_profile(rng: np.random.Generator, amp: float, n_terms: int = 5) -> n
 
 
 def _ellipse_metric(
-    xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, a: float, b: float, theta: float, profile: np.ndarray
+    xs: np.ndarray,
+    ys: np.ndarray,
+    cx: float,
+    cy: float,
+    a: float,
+    b: float,
+    theta: float,
+    profile: np.ndarray,
+    tails: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Normalised elliptical distance (1 on the noisy boundary) over a pixel grid."""
+    """Normalised elliptical distance (1 on the noisy boundary) over a pixel grid.
+
+    ``tails`` holds rows (direction in the ellipse frame, amplitude, angular width): each
+    stretches the boundary into a tapering process (a teardrop tail; two opposite tails give a
+    spindle-shaped cell).
+    """
     dx = xs - np.float32(cx)
     dy = ys - np.float32(cy)
     c, s = np.float32(np.cos(theta)), np.float32(np.sin(theta))
@@ -157,6 +180,10 @@ def _ellipse_metric(
     rmod = np.ones(_TABLE + 1, np.float32)
     for k, amp, ph in profile:
         rmod[:_TABLE] += amp * np.cos(k * table_ang + ph)
+    if tails is not None:
+        for direction, amp, width in tails:
+            dang = np.angle(np.exp(1j * (table_ang - direction)))
+            rmod[:_TABLE] += amp * np.exp(-((dang / width) ** 2))
     rmod[_TABLE] = rmod[0]
     idx = (ang * np.float32(_TABLE / (2 * np.pi))).astype(np.int32)
     return mag / rmod[idx]
@@ -195,7 +222,7 @@ def make_geometry(
     """
     r_mean = REF_CELL_RADIUS * scale
     n_target = int(rng.integers(n_cells[0], n_cells[1] + 1))
-    spacing = rng.uniform(0.65, 0.8)
+    spacing = rng.uniform(0.68, 0.9)
     pts, rad = _place_seeds(size, rng, n_target, r_mean, spacing)
     m = len(pts)
     mitotic = rng.random(m) < mitotic_fraction
@@ -206,7 +233,8 @@ def make_geometry(
         extra = rng.choice(inside_idx, size=min(min_mitotic, len(inside_idx)), replace=False)
         mitotic[extra] = True
 
-    # Per-cell shape parameters.
+    # Per-cell shape parameters: smooth ellipses, some drawn out into a teardrop (one tapering process)
+    # or a spindle (two opposite processes), as fibroblast-like and epithelial cells look in HPA images.
     asp = np.where(mitotic, rng.uniform(1.0, 1.12, m), rng.uniform(1.0, 2.0, m) ** 1.3)
     asp = np.minimum(asp, 2.4)
     rad = np.where(mitotic, rad * 0.72, rad)
@@ -214,29 +242,49 @@ def make_geometry(
     a_cell = rad * np.sqrt(asp) * reach_f
     b_cell = rad / np.sqrt(asp) * reach_f
     th_cell = rng.uniform(0, np.pi, m)
-    # Nucleus: offset from the cell centre, size limited by the short axis.
+    shape_u = rng.random(m)
+    n_tails = np.where(mitotic, 0, np.where(shape_u < 0.3, 1, np.where(shape_u < 0.45, 2, 0)))
+    tail_dir = rng.choice([0.0, np.pi], m)
+    tail_amp = rng.uniform(0.35, 0.9, (m, 2))
+    tail_w = rng.uniform(0.22, 0.4, (m, 2))
+    # Nucleus: offset from the cell centre (into the round body, away from a teardrop's tail).
     b_nuc = np.minimum(b_cell / reach_f * rng.uniform(0.6, 0.82, m), rad * 0.5)
     a_nuc = np.minimum(b_nuc * rng.uniform(1.0, 1.4, m), rad * 0.58)
     th_nuc = th_cell + rng.normal(0, 0.35, m)
     off = np.minimum(rng.uniform(0, 0.3, m) * np.maximum(a_cell - a_nuc, 0), np.maximum(0.62 * rad - a_nuc, 0))
-    off_dir = rng.choice([-1.0, 1.0], m)
+    off_dir = np.where(n_tails == 1, -np.cos(tail_dir), rng.choice([-1.0, 1.0], m))
     nuc_c = pts + (off * off_dir)[:, None] * np.stack([np.cos(th_cell), np.sin(th_cell)], 1)
+    # Multinucleate cells: two smaller nuclei side by side along the nucleus' long axis.
+    multi = ~mitotic & (n_tails == 0) & (rng.random(m) < 0.07)
+    a_nuc = np.where(multi, a_nuc * 0.78, a_nuc)
+    b_nuc = np.where(multi, b_nuc * 0.85, b_nuc)
+    nuc_dir = np.stack([np.cos(th_nuc), np.sin(th_nuc)], 1)
+    nuc_c2 = nuc_c + (0.95 * a_nuc)[:, None] * nuc_dir
+    nuc_c = np.where(multi[:, None], nuc_c - (0.95 * a_nuc)[:, None] * nuc_dir, nuc_c)
     # Mitotic: metaphase plate (thin, long), spindle perpendicular to it.
     a_nuc = np.where(mitotic, rad * rng.uniform(0.33, 0.42, m), a_nuc)
     b_nuc = np.where(mitotic, rad * rng.uniform(0.08, 0.13, m), b_nuc)
     nuc_c = np.where(mitotic[:, None], pts, nuc_c)
     spindle = th_nuc + np.pi / 2
+    # Cells that overlap their neighbours (one lies over the other; both stains add up there).
+    overlapper = rng.random(m) < 0.2
 
     h = w = size
     best = np.full((h, w), np.inf, np.float32)
+    second = np.full((h, w), np.inf, np.float32)
     owner = np.zeros((h, w), np.int32)
+    owner2 = np.zeros((h, w), np.int32)
     nuclei = np.zeros((h, w), np.int32)
     n_a = smooth_noise((h, w), 0.12 * r_mean, rng)
     n_b = smooth_noise((h, w), 0.05 * r_mean, rng)
     mix = rng.uniform(-1, 1, (m, 2)).astype(np.float32)
-    nuc_area_full = np.pi * a_nuc * b_nuc
+    nuc_area_full = np.pi * a_nuc * b_nuc * np.where(multi, 2.0, 1.0)
     for i in range(m):
-        reach = a_cell[i] * 1.35
+        tails = None
+        if n_tails[i]:
+            dirs = [tail_dir[i], tail_dir[i] + np.pi][: n_tails[i]]
+            tails = np.array([[d, tail_amp[i, j], tail_w[i, j]] for j, d in enumerate(dirs)])
+        reach = a_cell[i] * 1.35 * (1.0 + (tail_amp[i].max() if n_tails[i] else 0.0))
         x0, x1 = int(max(0, pts[i, 0] - reach)), int(min(w, pts[i, 0] + reach + 1))
         y0, y1 = int(max(0, pts[i, 1] - reach)), int(min(h, pts[i, 1] + reach + 1))
         if x0 >= x1 or y0 >= y1:
@@ -244,26 +292,36 @@ def make_geometry(
         xs = np.arange(x0, x1, dtype=np.float32)[None, :]
         ys = np.arange(y0, y1, dtype=np.float32)[:, None]
         xs, ys = np.broadcast_to(xs, (y1 - y0, x1 - x0)), np.broadcast_to(ys, (y1 - y0, x1 - x0))
-        prof = _radial_profile(rng, 0.07 if mitotic[i] else 0.2)
-        met = _ellipse_metric(xs, ys, pts[i, 0], pts[i, 1], a_cell[i], b_cell[i], th_cell[i], prof)
-        met += 0.07 * mix[i, 0] * n_a[y0:y1, x0:x1] + 0.012 * mix[i, 1] * n_b[y0:y1, x0:x1]
+        prof = _radial_profile(rng, 0.06 if mitotic[i] else 0.13)
+        met = _ellipse_metric(xs, ys, pts[i, 0], pts[i, 1], a_cell[i], b_cell[i], th_cell[i], prof, tails)
+        met += 0.045 * mix[i, 0] * n_a[y0:y1, x0:x1] + 0.008 * mix[i, 1] * n_b[y0:y1, x0:x1]
         sub_best = best[y0:y1, x0:x1]
+        sub_second = second[y0:y1, x0:x1]
+        sub_owner = owner[y0:y1, x0:x1]
+        sub_owner2 = owner2[y0:y1, x0:x1]
         win = met < sub_best
+        runner = ~win & (met < sub_second)
+        sub_second[win] = sub_best[win]
+        sub_owner2[win] = sub_owner[win]
+        sub_second[runner] = met[runner]
+        sub_owner2[runner] = i + 1
         sub_best[win] = met[win]
-        owner[y0:y1, x0:x1][win] = i + 1
-        nprof = _radial_profile(rng, 0.25 if mitotic[i] else 0.13, 4)
-        nr = a_nuc[i] * 1.4
-        nx0, nx1 = int(max(0, nuc_c[i, 0] - nr)), int(min(w, nuc_c[i, 0] + nr + 1))
-        ny0, ny1 = int(max(0, nuc_c[i, 1] - nr)), int(min(h, nuc_c[i, 1] + nr + 1))
-        if nx0 >= nx1 or ny0 >= ny1:
-            continue
-        nxs = np.broadcast_to(np.arange(nx0, nx1, dtype=np.float32)[None, :], (ny1 - ny0, nx1 - nx0))
-        nys = np.broadcast_to(np.arange(ny0, ny1, dtype=np.float32)[:, None], (ny1 - ny0, nx1 - nx0))
-        nmet = _ellipse_metric(nxs, nys, nuc_c[i, 0], nuc_c[i, 1], a_nuc[i], b_nuc[i], th_nuc[i], nprof)
-        if mitotic[i]:
-            nmet += 0.25 * n_b[ny0:ny1, nx0:nx1]
-        sub_nuc = nuclei[ny0:ny1, nx0:nx1]
-        sub_nuc[(nmet < 1.0) & (sub_nuc == 0)] = i + 1
+        sub_owner[win] = i + 1
+        centres = [nuc_c[i]] + ([nuc_c2[i]] if multi[i] else [])
+        for centre in centres:
+            nprof = _radial_profile(rng, 0.25 if mitotic[i] else 0.13, 4)
+            nr = a_nuc[i] * 1.4
+            nx0, nx1 = int(max(0, centre[0] - nr)), int(min(w, centre[0] + nr + 1))
+            ny0, ny1 = int(max(0, centre[1] - nr)), int(min(h, centre[1] + nr + 1))
+            if nx0 >= nx1 or ny0 >= ny1:
+                continue
+            nxs = np.broadcast_to(np.arange(nx0, nx1, dtype=np.float32)[None, :], (ny1 - ny0, nx1 - nx0))
+            nys = np.broadcast_to(np.arange(ny0, ny1, dtype=np.float32)[:, None], (ny1 - ny0, nx1 - nx0))
+            nmet = _ellipse_metric(nxs, nys, centre[0], centre[1], a_nuc[i], b_nuc[i], th_nuc[i], nprof)
+            if mitotic[i]:
+                nmet += 0.25 * n_b[ny0:ny1, nx0:nx1]
+            sub_nuc = nuclei[ny0:ny1, nx0:nx1]
+            sub_nuc[(nmet < 1.0) & (sub_nuc == 0)] = i + 1
     cells = np.where(best < 1.0, owner, 0)
     # Fill small background pockets enclosed by cells (noise holes) from the nearest territory.
     nb, comp, stats, _ = cv2.connectedComponentsWithStats((cells == 0).astype(np.uint8), connectivity=4)
@@ -279,6 +337,9 @@ def make_geometry(
         cells[pocket] = owner[pocket]
     has_nuc = nuclei > 0
     cells[has_nuc] = nuclei[has_nuc]
+    # Overlap zones: inside two territories where one of the pair overlaps its neighbours.
+    flag = np.concatenate([[False], overlapper])
+    overlap = (best < 1.0) & (second < 1.0) & (flag[owner] | flag[owner2]) & ~has_nuc
 
     # Keep the connected part of each cell that holds its nucleus; drop cells whose nucleus is mostly cut.
     keep = np.zeros(m + 1, bool)
@@ -329,8 +390,10 @@ def make_geometry(
         ang = rng.uniform(0, 2 * np.pi, k)
         u, v = rr * np.cos(ang) * a_nuc[i], rr * np.sin(ang) * b_nuc[i]
         c, s = np.cos(th_nuc[i]), np.sin(th_nuc[i])
-        x = nuc_c[i, 0] + u * c - v * s
-        y = nuc_c[i, 1] + u * s + v * c
+        # In a binucleate cell the nucleoli are shared out between the two nuclei.
+        centre = np.where((np.arange(k) % 2 == 1)[:, None] & multi[i], nuc_c2[i], nuc_c[i])
+        x = centre[:, 0] + u * c - v * s
+        y = centre[:, 1] + u * s + v * c
         r = b_nuc[i] * rng.uniform(0.1, 0.2, k)
         spots.append(np.stack([x, y, r], 1))
         for xx, yy, rr_, ax in zip(x, y, r, rng.uniform(0.7, 1.0, k), strict=True):
@@ -348,6 +411,7 @@ def make_geometry(
             )
     nucleoli = cv2.GaussianBlur(nucleoli, (0, 0), max(0.6, 2.0 * scale))
     nucleoli *= nuclei > 0
+    overlap_map = cv2.GaussianBlur((overlap & (cells > 0)).astype(np.float32), (0, 0), max(0.6, 6.0 * scale))
     return FieldGeometry(
         cells=cells,
         nuclei=nuclei,
@@ -363,4 +427,6 @@ def make_geometry(
         spindle_angle=sp,
         nucleoli=nucleoli,
         nucleoli_spots=spots,
+        overlap=overlap_map,
+        multinucleate=multi[idx],
     )

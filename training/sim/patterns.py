@@ -80,8 +80,16 @@ class PaintContext:
 
     @cached_property
     def seam(self) -> np.ndarray:
-        """Multiplicative dimming (0.45-1) along cell borders: the dark line between touching cells."""
-        return (1.0 - 0.55 * np.exp(-self.d_border / np.float32(self.px(2.5)))).astype(np.float32)
+        """Multiplicative dimming along cell borders (a faint line between touching cells, strength per field).
+
+        Real touching cells abut with bright cytoplasm up to the border (a segmentation cut there leaves a sharp
+        edge in the crop), so the dimming is weak; where a cell overlaps its neighbour there is none and both
+        cells' stains add up (factor above 1).
+        """
+        depth = np.float32(self.rng.uniform(0.05, 0.35))
+        dim = 1.0 - depth * np.exp(-self.d_border / np.float32(self.px(2.0)))
+        ov = self.geo.overlap
+        return (dim * (1.0 - ov) + ov * 1.35).astype(np.float32)
 
     def sample_points(self, region: np.ndarray, density: float, weight: np.ndarray | None = None) -> np.ndarray:
         """Uniform random points (x, y) inside ``region`` at ``density`` per reference px².
@@ -260,11 +268,15 @@ def er_network(ctx: PaintContext) -> np.ndarray:
     edge /= max(float(edge.max()), 1e-6)
     grain = smooth_noise((h, w), ctx.px(6.0), ctx.rng)
     gaps = np.clip(0.6 + 0.5 * smooth_noise((h, w), ctx.px(10.0), ctx.rng), 0.0, 1.0)
-    net = edge * (0.75 + 0.25 * grain) * gaps * (0.25 + 0.75 * weight)
-    sheet = 0.45 * np.exp(-d / np.float32(ctx.px(30.0)))
-    base = 0.06
-    out = (net + sheet + base) * ctx.cyto
-    out += 0.1 * ctx.nuc_mask
+    net = edge * (0.75 + 0.25 * grain) * gaps * (0.35 + 0.65 * weight)
+    # Perinuclear sheets: a broad, mottled (not smooth) zone that fades into the network; the nuclear
+    # envelope is part of the ER, so a thin rim lines the nucleus, but the stain never stops at the rim.
+    mottle = np.clip(0.55 + 0.45 * smooth_noise((h, w), ctx.px(4.0), ctx.rng), 0.0, 1.0)
+    sheet = 0.32 * np.exp(-d / np.float32(ctx.px(40.0))) * mottle
+    envelope = 0.25 * np.exp(-(((ctx.d_nuc_out - ctx.px(1.5)) / np.float32(ctx.px(3.0))) ** 2))
+    base = 0.08
+    out = (net + sheet + envelope + base) * ctx.cyto
+    out += 0.08 * ctx.nuc_mask
     return out.astype(np.float32)
 
 
@@ -309,11 +321,14 @@ def blue_channel(ctx: PaintContext) -> np.ndarray:
     """The blue (nucleus) channel: textured chromatin, darker nucleoli, condensed bright mitotic plates."""
     g = ctx.geo
     tex = smooth_noise(ctx.shape, ctx.px(5.0), ctx.rng)
+    fine = smooth_noise(ctx.shape, ctx.px(2.0), ctx.rng)
     coarse = smooth_noise(ctx.shape, ctx.px(25.0), ctx.rng)
     mit = cell_lut(g.n, np.flatnonzero(g.mitotic) + 1, 1.0)[g.nuclei]
-    base = 1.0 + 0.12 * tex + 0.1 * coarse
+    # Chromatin: granular, with brighter heterochromatin clumps and dark holes where the nucleoli sit.
+    clumps = np.maximum(smooth_noise(ctx.shape, ctx.px(7.0), ctx.rng) - 0.8, 0.0)
+    base = 1.0 + 0.16 * tex + 0.1 * fine + 0.12 * coarse + 0.35 * clumps
     rim = np.exp(-ctx.d_nuc_in / np.float32(ctx.px(8.0)))
-    val = base * (1.0 - 0.25 * g.nucleoli) * (0.92 + 0.12 * rim)
+    val = base * (1.0 - 0.6 * g.nucleoli) * (0.9 + 0.15 * rim)
     val = np.where(mit > 0, 1.5 + 0.3 * tex, val) * ctx.nuc_mask
     val = cv2.GaussianBlur(val.astype(np.float32), (0, 0), max(0.5, ctx.px(1.5)))
     return val
@@ -336,9 +351,9 @@ def _nucleoplasm(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
 
 
 def _nuclear_membrane(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
-    w = np.float32(ctx.px(5.0))
+    w = np.float32(ctx.px(3.0))
     s = ctx.d_nuc_in - ctx.d_nuc_out
-    rim = np.exp(-(((s - w * 0.6) / w) ** 2))
+    rim = np.exp(-(((s - w * 0.5) / w) ** 2))
     rim *= 0.85 + 0.15 * smooth_noise(ctx.shape, ctx.px(6.0), ctx.rng)
     sel = _sel(ctx, ids)
     return (rim * sel + 0.05 * (ctx.nuc_mask & sel)).astype(np.float32)
