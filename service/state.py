@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from locus.service.attribution import Cancelled
 from locus.service.errors import ApiError
@@ -121,7 +121,13 @@ class ServiceState:
             )
 
     async def classify(
-        self, blobs: dict[str, bytes], options: ClassifyOptions, *, request_id: str, output: str, image_id: str
+        self,
+        files: dict[str, BinaryIO | bytes],
+        options: ClassifyOptions,
+        *,
+        request_id: str,
+        output: str,
+        image_id: str,
     ) -> ClassifyResponse | KaggleResponse | FileAnswer:
         """Decode and classify one field in the worker pool, within the time limit.
 
@@ -130,8 +136,8 @@ class ServiceState:
 
         Parameters
         ----------
-        blobs : dict
-            Channel name -> file bytes.
+        files : dict
+            Channel name -> the uploaded file (read in the worker, so queued requests hold none in memory) or bytes.
         options : ClassifyOptions
             What to compute.
         request_id, output, image_id : str
@@ -151,7 +157,7 @@ class ServiceState:
         loop = asyncio.get_running_loop()
         stop = threading.Event()
         fut = loop.run_in_executor(
-            self.executor, self._classify_sync, blobs, options, request_id, output, image_id, stop.is_set
+            self.executor, self._classify_sync, files, options, request_id, output, image_id, stop.is_set
         )
         fut.add_done_callback(self._finished)
         limit = self.settings.request_timeout_s
@@ -179,7 +185,7 @@ class ServiceState:
 
     def _classify_sync(
         self,
-        blobs: dict[str, bytes],
+        files: dict[str, BinaryIO | bytes],
         options: ClassifyOptions,
         request_id: str,
         output: str,
@@ -187,7 +193,9 @@ class ServiceState:
         stop: Callable[[], bool] = lambda: False,
     ) -> ClassifyResponse | KaggleResponse | FileAnswer:
         t0 = time.perf_counter()
+        blobs = {c: f if isinstance(f, bytes) else _read_all(f) for c, f in files.items()}
         image = decode_field(blobs, max_pixels=self.settings.max_image_pixels)
+        del blobs
         if stop():
             raise Cancelled("stopped after decoding: the request ran past its time limit")
         decode_ms = (time.perf_counter() - t0) * 1e3
@@ -200,6 +208,11 @@ class ServiceState:
         body = classify_response(result, options, self.pipeline, request_id=request_id)
         body.timings_ms["total"] = round((time.perf_counter() - t0) * 1e3, 2)
         return body
+
+
+def _read_all(f: BinaryIO) -> bytes:
+    f.seek(0)
+    return f.read()
 
 
 def load_state(settings: Settings, metrics: Any = None) -> ServiceState:

@@ -118,9 +118,13 @@ def _file_response(answer: FileAnswer) -> Response:
     )
 
 
-async def _read_upload(upload: UploadFile, name: str, limit: int) -> bytes:
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
+def _check_upload_size(upload: UploadFile, name: str, limit: int) -> None:
+    size = upload.size
+    if size is None:  # not known from the parser: measure the spooled file without reading it
+        upload.file.seek(0, 2)
+        size = upload.file.tell()
+        upload.file.seek(0)
+    if size > limit:
         raise ApiError(
             413,
             "upload_too_large",
@@ -128,7 +132,6 @@ async def _read_upload(upload: UploadFile, name: str, limit: int) -> bytes:
             "or send a smaller file",
             name,
         )
-    return data
 
 
 async def _check_form(request: Request) -> None:
@@ -211,15 +214,15 @@ async def classify(
     )
     if fmt in FORMATS:  # files are drawn from the label images; RLE masks would go unused
         options = dataclasses.replace(options, include_masks=False)
+    uploads = {"red": red, "green": green, "blue": blue, "yellow": yellow}
+    for c in CHANNELS:
+        _check_upload_size(uploads[c], c, state.settings.max_upload_bytes)
     state.admit()
-    try:
-        uploads = {"red": red, "green": green, "blue": blue, "yellow": yellow}
-        blobs = {c: await _read_upload(uploads[c], c, state.settings.max_upload_bytes) for c in CHANNELS}
-    except BaseException:
-        state.admission.leave()
-        raise
     rid = getattr(request.state, "request_id", "")
-    body = await state.classify(blobs, options, request_id=rid, output=fmt, image_id=image_id)
+    # The uploads stay in the parser's spooled files (on disk beyond 1 MiB) until a worker reads them, so a
+    # queued request holds no upload in memory.
+    files = {c: uploads[c].file for c in CHANNELS}
+    body = await state.classify(files, options, request_id=rid, output=fmt, image_id=image_id)
     return _file_response(body) if isinstance(body, FileAnswer) else body
 
 
