@@ -510,20 +510,25 @@ def tinted_jpeg_to_channel(img: np.ndarray, color: str) -> np.ndarray:
     Raises
     ------
     ImageError
-        The image's colour is not the channel's tint (its own planes hold under half the
-        brightness of all planes: a file of another channel).
+        The image's colour is not the channel's tint: one of its own planes holds under half
+        the brightness of the brightest plane (a file of another channel). Images darker
+        than a mean of 1 are not judged.
     """
     if img.ndim == 2:
         return img
+    img = np.ascontiguousarray(img[:, :, :3])
+    sums = cv2.sumElems(img)[:3]
     planes = _TINT_PLANES[color]
-    own = img[:, :, planes[0]] if len(planes) == 1 else cv2.max(img[:, :, planes[0]], img[:, :, planes[1]])
-    total = float(img.max(axis=2).sum(dtype=np.int64))
-    if total > 0 and float(own.sum(dtype=np.int64)) < 0.5 * total:
+    top = max(sums)
+    if top > img.shape[0] * img.shape[1] and min(sums[p] for p in planes) < 0.5 * top:
         raise ImageError(
-            f"{color}: the JPEG is not tinted {color} (its {color} planes hold under half the brightness)",
+            f"{color}: the JPEG is not tinted {color} (plane brightness R, G, B = "
+            f"{', '.join(f'{x / (img.shape[0] * img.shape[1]):.1f}' for x in sums)})",
             field=color,
             code="wrong_tint",
         )
+    split = cv2.split(img)
+    own = split[planes[0]] if len(planes) == 1 else cv2.max(split[planes[0]], split[planes[1]])
     return np.ascontiguousarray(own)
 
 

@@ -3,12 +3,16 @@
 Training on tens of thousands of real fields should not run the segmenter again for
 every new crop size or config. ``locus segment`` runs the backend the service would
 run (built by :func:`locus.service.factory.build_segmenter` from the same ``LOCUS_*``
-settings) over each field of a folder and writes, beside its channel files:
+settings) over each field of a folder and writes, in a ``segments/`` folder beside its
+channel files:
 
-* ``{ID}_cells.png`` and ``{ID}_nuclei.png``: 16-bit label images (0 background,
-  nucleus ``k`` inside cell ``k``), the segmenter's output unchanged;
-* ``segments.json``: which backend (and HPA network files) made them, and the size and
-  modification time of the channel files each field was segmented from.
+* ``segments/{ID}_cells.png`` and ``segments/{ID}_nuclei.png``: 16-bit label images
+  (0 background, nucleus ``k`` inside cell ``k``), the segmenter's output unchanged;
+* ``segments/segments.json``: which backend (and HPA network files) made them, and the
+  size and modification time of the channel files each field was segmented from.
+
+They live in a subfolder, not beside the channels, because a dataset's own
+``{ID}_cells.png`` there is read as ground truth (:func:`locus.service.readers.load_truth`).
 
 ``locus train`` (:func:`locus.training.dataset._crop_field`) uses a field's stored cells
 when ``segments.json`` says they came from the config's segmenter and the channel
@@ -35,6 +39,7 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "SEGMENTS_DIR",
     "SEGMENTS_FILE",
     "label_paths",
     "segmenter_key",
@@ -44,8 +49,10 @@ __all__ = [
     "run",
 ]
 
+SEGMENTS_DIR = "segments"
+"""Subfolder (beside the channel files) holding the label images and :data:`SEGMENTS_FILE`."""
 SEGMENTS_FILE = "segments.json"
-"""Per folder: ``{"version", "segmenter": {...}, "fields": {ID: {"cells", "nuclei", "shape", "sources"}}}``."""
+"""In :data:`SEGMENTS_DIR`: ``{"version", "segmenter", "fields": {ID: {"cells", "nuclei", "shape", "sources"}}}``."""
 VERSION = 1
 _MODEL_OPTIONS = ("nuclei_model", "cell_model")
 
@@ -63,9 +70,9 @@ def label_paths(folder: str | os.PathLike, field_id: str) -> tuple[Path, Path]:
     Returns
     -------
     cells, nuclei : Path
-        ``{folder}/{ID}_cells.png`` and ``{folder}/{ID}_nuclei.png``.
+        ``{folder}/segments/{ID}_cells.png`` and ``{folder}/segments/{ID}_nuclei.png``.
     """
-    folder = Path(folder)
+    folder = Path(folder) / SEGMENTS_DIR
     return folder / f"{field_id}_cells.png", folder / f"{field_id}_nuclei.png"
 
 
@@ -108,7 +115,7 @@ _META_LOCK = threading.Lock()
 
 def _read_meta(folder: Path) -> dict | None:
     """``segments.json`` of a folder (cached per process while its mtime is unchanged)."""
-    path = folder / SEGMENTS_FILE
+    path = folder / SEGMENTS_DIR / SEGMENTS_FILE
     try:
         mtime = path.stat().st_mtime_ns
     except FileNotFoundError:
@@ -222,6 +229,7 @@ def _segment_one(job: _Job) -> tuple[str, dict | None, str | None, float]:
         cells, nuclei = _SEGMENTERS[job.segmenter].segment(image)
         folder = Path(job.paths["red"]).parent
         cells_path, nuclei_path = label_paths(folder, job.id)
+        cells_path.parent.mkdir(exist_ok=True)
         _write_atomic(cells_path, _encode_labels(cells))
         _write_atomic(nuclei_path, _encode_labels(nuclei))
         entry = {
@@ -237,7 +245,8 @@ def _segment_one(job: _Job) -> tuple[str, dict | None, str | None, float]:
 
 def _write_meta(folder: Path, key: dict, fields: dict) -> None:
     meta = {"version": VERSION, "segmenter": key, "fields": dict(sorted(fields.items()))}
-    _write_atomic(folder / SEGMENTS_FILE, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+    (folder / SEGMENTS_DIR).mkdir(exist_ok=True)
+    _write_atomic(folder / SEGMENTS_DIR / SEGMENTS_FILE, (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
 
 
 def segment_folder(

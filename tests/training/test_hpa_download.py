@@ -527,6 +527,7 @@ def test_segment_then_train_on_the_downloaded_set(downloaded, tmp_path, monkeypa
     pytest.importorskip("tf2onnx")
     import locus.training.dataset as dataset_mod
     from locus.service.inference import Classifier
+    from locus.training.segment_cache import label_paths
 
     out, *_ = downloaded
     data = tmp_path / "data"
@@ -536,7 +537,7 @@ def test_segment_then_train_on_the_downloaded_set(downloaded, tmp_path, monkeypa
             (data / f.name).write_bytes(f.read_bytes())
     assert main(["segment", str(data), "--quiet"]) == 0
     for ref in find_fields(data):
-        cells = cv2.imread(str(data / f"{ref.id}_cells.png"), cv2.IMREAD_UNCHANGED)
+        cells = cv2.imread(str(label_paths(data, ref.id)[0]), cv2.IMREAD_UNCHANGED)
         assert cells.dtype == np.uint16 and cells.shape == (SIZE, SIZE)
 
     def no_segmenting(*args, **kwargs):  # every field has stored labels: training must not segment again
@@ -566,3 +567,15 @@ def test_segment_then_train_on_the_downloaded_set(downloaded, tmp_path, monkeypa
     assert not summary["data"]["synthetic"]
     clf = Classifier(tmp_path / "run" / "model")  # the service's loader accepts the model folder
     assert clf.crop_rule.size == 32
+
+
+def test_real_hpa_website_jpegs_convert(sample_dir):
+    """The real sample (../shared/hpa-samples): each channel passes the tint check and matches the service."""
+    from locus.service.imaging import decode_channel
+
+    for color in CHANNELS:
+        data = (sample_dir / f"89_B5_1_{color}.jpg").read_bytes()
+        own = tinted_jpeg_channel(data, color)
+        served = decode_channel(data, field=color)  # the service: max over the colour planes
+        assert own.shape == served.shape == (1728, 1728) and np.all(own <= served)
+        assert np.abs(served.astype(int) - own).mean() < 0.1  # they differ only by JPEG colour noise
