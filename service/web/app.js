@@ -498,9 +498,12 @@ view.on("hover", ({ id, x, y }) => {
   const cell = view.byId.get(id).cell;
   const top = cell.labels.map((l) => `${l.name} ${l.confidence.toFixed(2)}`).join(", ") || "no class called";
   tooltip.textContent = `cell ${id} · ${top}`;
-  tooltip.style.left = `${x + 14}px`;
-  tooltip.style.top = `${y + 14}px`;
   tooltip.hidden = false;
+  const wrap = tooltip.parentElement.getBoundingClientRect();
+  const left = x + 14 + tooltip.offsetWidth > wrap.width ? x - tooltip.offsetWidth - 10 : x + 14;
+  const topPx = y + 14 + tooltip.offsetHeight > wrap.height ? y - tooltip.offsetHeight - 10 : y + 14;
+  tooltip.style.left = `${Math.max(0, left)}px`;
+  tooltip.style.top = `${Math.max(0, topPx)}px`;
 });
 
 // ---------------------------------------------------------------- view controls

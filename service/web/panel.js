@@ -4,7 +4,7 @@ import { CLASS_COLOURS, CLASS_NAMES } from "./classes.js";
 import { makeCanvas } from "./channels.js";
 import { decodeSignedMap } from "./png.js";
 
-const MAP_SIDE = 176; // displayed size of a crop or a map, CSS px
+const MAP_SIDE = 140; // displayed size of a crop or a map, CSS px
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -77,24 +77,66 @@ export function renderCell(root, o) {
   }
   root.append(chips);
 
-  // the crop as the model saw it
+  // what the model saw, and (on request) why: the crop and its integrated-gradient maps side by side
+  const gallery = el("div", { class: "gallery" });
+  root.append(gallery);
   const rule = model && model.crop ? { ...model.crop, size: model.crop.size || model.input.shape[1] } : null;
   let crop = null;
   if (rule && view.layers.length) {
     crop = view.cellCrop(cell.id, rule);
-    root.append(
+    gallery.append(
       el(
         "figure",
-        { class: "crop-figure" },
+        { class: "crop-figure", "data-role": "crop" },
         show(crop.input, MAP_SIDE),
         el(
           "figcaption",
-          { class: "muted" },
-          `Model input ${rule.size}×${rule.size} px: a ${crop.side} px window around the cell` +
-            (rule.mask_other_cells ? ", other cells blanked" : "") +
-            " (channels as shown)",
+          {},
+          el("b", {}, "Model input"),
+          el(
+            "span",
+            { class: "muted small" },
+            ` ${rule.size}² px from a ${crop.side} px window` + (rule.mask_other_cells ? ", other cells blanked" : ""),
+          ),
         ),
       ),
+    );
+  }
+  const note = el("div", { class: "ig-note" });
+  root.append(note);
+  if (Array.isArray(cell.attributions) && cell.attributions.length) {
+    gallery.dataset.role = "attributions";
+    for (const a of cell.attributions) {
+      const fig = el("figure", { class: "ig", "data-class": String(a.class_id) });
+      gallery.append(fig);
+      drawAttribution(fig, a, cell, view, crop).catch((err) => fig.append(el("p", { class: "error" }, err.message)));
+    }
+    note.append(
+      el(
+        "p",
+        { class: "muted small" },
+        "Integrated gradients per label: hot pixels raise the score, blue ones lower it (over the cell, scaled per map).",
+      ),
+    );
+  } else if (Array.isArray(cell.attributions) || o.askedAttributions) {
+    note.append(
+      el(
+        "p",
+        { class: "muted small" },
+        o.igLimit
+          ? `No integrated-gradient maps for this cell: the service explains the first ${o.igLimit} cells of a field (LOCUS_IG_MAX_CELLS).`
+          : "No integrated-gradient maps for this cell.",
+      ),
+    );
+  } else if (model && !model.attributions) {
+    note.append(el("p", { class: "muted small" }, "This model folder has no gradient model (grad.onnx): no maps."));
+  } else if (o.explain) {
+    const button = el("button", { type: "button", class: "secondary", "data-role": "explain" }, "Why? Integrated-gradient maps");
+    button.disabled = o.explaining;
+    button.addEventListener("click", () => o.explain());
+    note.append(
+      button,
+      el("p", { class: "muted small" }, "Runs the field again with attributions=true (about a second per cell and label on a CPU)."),
     );
   }
 
@@ -120,48 +162,9 @@ export function renderCell(root, o) {
       bars.append(row);
     });
     root.append(bars);
-    if (thr) root.append(el("p", { class: "muted small" }, "Ticks: the decision threshold of each class."));
+    if (thr) root.append(el("p", { class: "muted small" }, "Ticks: each class's decision threshold."));
   } else {
     root.append(el("p", { class: "muted" }, "Run with “all 19 scores” on to see every class."));
-  }
-
-  // integrated gradients
-  root.append(el("h3", {}, "Integrated gradients"));
-  if (Array.isArray(cell.attributions) && cell.attributions.length) {
-    const grid = el("div", { class: "ig-grid", "data-role": "attributions" });
-    root.append(grid);
-    root.append(
-      el(
-        "p",
-        { class: "muted small" },
-        "Hot: pixels that raise the score; blue: pixels that lower it (over the cell's own pixels, scaled per map).",
-      ),
-    );
-    for (const a of cell.attributions) {
-      const fig = el("figure", { class: "ig", "data-class": String(a.class_id) });
-      grid.append(fig);
-      drawAttribution(fig, a, cell, view, crop).catch((err) => fig.append(el("p", { class: "error" }, err.message)));
-    }
-  } else if (Array.isArray(cell.attributions) || o.askedAttributions) {
-    root.append(
-      el(
-        "p",
-        { class: "muted" },
-        o.igLimit
-          ? `No maps for this cell: the service explains the first ${o.igLimit} cells of a field (LOCUS_IG_MAX_CELLS).`
-          : "No maps for this cell.",
-      ),
-    );
-  } else if (model && !model.attributions) {
-    root.append(el("p", { class: "muted" }, "This model folder has no gradient model (grad.onnx)."));
-  } else if (o.explain) {
-    const button = el("button", { type: "button", class: "secondary", "data-role": "explain" }, "Compute maps");
-    button.disabled = o.explaining;
-    button.addEventListener("click", () => o.explain());
-    root.append(
-      button,
-      el("p", { class: "muted small" }, "Runs the field again with attributions=true (seconds per cell on a CPU)."),
-    );
   }
 }
 
@@ -222,12 +225,10 @@ async function drawAttribution(fig, a, cell, view, crop) {
       "figcaption",
       {},
       el("b", { style: `color:${CLASS_COLOURS[a.class_id]}` }, a.name),
-      el("span", { class: "muted small" }, ` score ${fmt(a.score, 2)} (baseline ${fmt(a.baseline_score, 2)})`),
-      el("br"),
       el(
         "span",
-        { class: "muted small", title: "Attribution summed per input channel" },
-        `${totals} · completeness ${(100 * a.completeness_error).toFixed(2)} %`,
+        { class: "muted small", title: `Attribution summed per input channel: ${totals}` },
+        ` ${fmt(a.score, 2)} vs ${fmt(a.baseline_score, 2)} at baseline · completeness ${(100 * a.completeness_error).toFixed(1)} %`,
       ),
     ),
   );

@@ -304,7 +304,7 @@ export class FieldView {
     ctx.globalCompositeOperation = "source-over";
     if (this.highlight.size) {
       ctx.imageSmoothingEnabled = false;
-      ctx.globalAlpha = 0.42;
+      ctx.globalAlpha = 0.33;
       for (const id of this.highlight) {
         const e = this.byId.get(id);
         if (!e) continue;
