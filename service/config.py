@@ -29,6 +29,9 @@ __all__ = [
     "IG_BUDGET",
     "MAX_MAP_BYTES",
     "MAX_IMAGE_PIXELS",
+    "BYTES_PER_PIXEL",
+    "PER_REQUEST_MB",
+    "peak_memory_mb",
 ]
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -49,6 +52,37 @@ IG_BASELINE = "black"
 """Default integrated-gradient baseline."""
 MAX_IMAGE_PIXELS = 6144 * 6144
 """Largest height x width of one channel, checked before any pixel is decoded."""
+
+
+BYTES_PER_PIXEL = 20
+"""Working memory of one running request per pixel of one channel (16-bit field; measured, see docs/OPERATIONS.md)."""
+PER_REQUEST_MB = 80
+"""Working memory of one running request that does not grow with the field (measured)."""
+SPOOL_MB = 4
+"""Upload bytes a queued request keeps in memory: the multipart parser spools each file to disk beyond 1 MiB."""
+
+
+def peak_memory_mb(*, running: int, queued: int, pixels: int, request_bytes: int) -> float:
+    """Peak resident memory above the idle service, from the limits (the formula of docs/OPERATIONS.md).
+
+    Parameters
+    ----------
+    running : int
+        Requests classified at once (``LOCUS_MAX_CONCURRENT``, default the number of cores).
+    queued : int
+        Requests waiting (``LOCUS_MAX_QUEUE``).
+    pixels : int
+        Pixels of one channel (at most ``LOCUS_MAX_IMAGE_PIXELS``).
+    request_bytes : int
+        Upload bytes of one request (at most ``LOCUS_MAX_REQUEST_BYTES``).
+
+    Returns
+    -------
+    float
+        ``running x (PER_REQUEST_MB + BYTES_PER_PIXEL x pixels + request_bytes) + queued x SPOOL_MB``, in MiB.
+    """
+    per_running = PER_REQUEST_MB + (BYTES_PER_PIXEL * pixels + request_bytes) / 2**20
+    return running * per_running + queued * SPOOL_MB
 
 
 def split_list(value: object) -> object:
