@@ -124,11 +124,24 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
     raise SystemExit("the server did not become ready")
 
 
-async def one(client: httpx.AsyncClient, url: str, files: dict, timeout: float) -> tuple[int | str, float]:
+async def one(
+    client: httpx.AsyncClient,
+    url: str,
+    files: dict,
+    timeout: float,
+    query: dict | None = None,
+    hostile: bool = False,
+) -> tuple[int | str, float]:
     t0 = time.perf_counter()
+    params = {"include_masks": "false", **(query or {})}
     try:
-        r = await client.post(url + "/classify", files=files, params={"include_masks": "false"}, timeout=timeout)
-        return r.status_code, time.perf_counter() - t0
+        r = await client.post(url + "/classify", files=files, params=params, timeout=timeout)
+        status: int | str = r.status_code
+        if hostile and 400 <= r.status_code < 500:
+            status = f"hostile-{r.status_code}"
+        elif hostile and r.status_code == 200:
+            status = "hostile-200"
+        return status, time.perf_counter() - t0
     except httpx.HTTPError as exc:
         return type(exc).__name__, time.perf_counter() - t0
 
@@ -154,8 +167,75 @@ async def calibrate(url: str, files: dict, concurrency: int, n: int) -> float:
         return n / (time.perf_counter() - t0)
 
 
-async def drive(url: str, files: dict, rate: float, duration: float, timeout: float, proc_pid: int) -> dict:
-    """Open-loop load: one request every 1/rate s for ``duration`` s; wait for every answer."""
+def hostile_payloads(files: dict) -> list[tuple[str, dict, dict]]:
+    """(name, files, query) of hostile requests built from the valid ``files``.
+
+    Decompression bombs, corrupt data and work over the budget.
+    """
+    import io
+    import struct
+    import zlib
+
+    import tifffile
+    from PIL import Image
+
+    def with_(channel: str, data: bytes) -> dict:
+        return {**files, channel: (f"{channel}.bin", data, "application/octet-stream")}
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    png_bomb = (
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    )
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(jpeg, "JPEG")
+    jbytes = bytearray(jpeg.getvalue())
+    i = jbytes.find(b"\xff\xc0")
+    jbytes[i + 5 : i + 9] = struct.pack(">HH", 32000, 32000)
+    prog = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)).save(
+        prog, "JPEG", progressive=True
+    )
+    pdata = prog.getvalue()
+    last, end = pdata.rfind(b"\xff\xda"), pdata.rfind(b"\xff\xd9")
+    many_scans = pdata[:end] + pdata[last:end] * 1000 + pdata[end:]
+    tile = io.BytesIO()
+    tifffile.imwrite(tile, np.zeros((16, 16), np.uint8), tile=(16, 16))
+    tdata = bytearray(tile.getvalue())
+    (off,) = struct.unpack("<I", tdata[4:8])
+    (count,) = struct.unpack("<H", tdata[off : off + 2])
+    for k in range(count):
+        e = off + 2 + 12 * k
+        tag, typ = struct.unpack("<HH", tdata[e : e + 4])
+        if tag in (322, 323):
+            tdata[e + 8 : e + 12] = struct.pack("<I" if typ == 4 else "<HH", *((32768,) if typ == 4 else (32768, 0)))
+    red = files["red"][1]
+    all_classes = ",".join(str(k) for k in range(19))
+    return [
+        ("png_bomb", with_("red", png_bomb), {}),
+        ("jpeg_bomb", with_("green", bytes(jbytes)), {}),
+        ("jpeg_1000_scans", with_("blue", many_scans), {}),
+        ("tiff_huge_tile", with_("yellow", bytes(tdata)), {}),
+        ("truncated_png", with_("red", red[: len(red) // 2]), {}),
+        ("not_an_image", with_("green", b"%PDF-1.4 nothing to see"), {}),
+        ("ig_over_budget", files, {"attributions": "true", "ig_steps": "512", "attribution_classes": all_classes}),
+        ("bad_class_ids", files, {"attributions": "true", "attribution_classes": "1_0"}),
+    ]
+
+
+async def drive(
+    url: str,
+    files: dict,
+    rate: float,
+    duration: float,
+    timeout: float,
+    proc_pid: int,
+    hostile: list[tuple[str, dict, dict]] | None = None,
+    hostile_fraction: float = 0.0,
+) -> dict:
+    """Open-loop load: one request every 1/rate s for ``duration`` s; wait for every answer.
+
+    With ``hostile``, about ``hostile_fraction`` of the requests are hostile ones, in turn.
+    """
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     results: list[tuple[int | str, float]] = []
     peak = rss_mb(proc_pid)
@@ -163,6 +243,7 @@ async def drive(url: str, files: dict, rate: float, duration: float, timeout: fl
         tasks = []
         t0 = time.perf_counter()
         k = 0
+        n_hostile = 0
         next_sample = t0
         while True:
             now = time.perf_counter()
@@ -171,7 +252,12 @@ async def drive(url: str, files: dict, rate: float, duration: float, timeout: fl
             due = t0 + k / rate
             if due > now:
                 await asyncio.sleep(due - now)
-            tasks.append(asyncio.create_task(one(client, url, files, timeout)))
+            if hostile and hostile_fraction > 0 and (k * hostile_fraction) % 1.0 + hostile_fraction >= 1.0:
+                _, hfiles, query = hostile[n_hostile % len(hostile)]
+                n_hostile += 1
+                tasks.append(asyncio.create_task(one(client, url, hfiles, timeout, query, hostile=True)))
+            else:
+                tasks.append(asyncio.create_task(one(client, url, files, timeout)))
             k += 1
             if time.perf_counter() >= next_sample:
                 peak = max(peak, rss_mb(proc_pid))
@@ -202,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120.0, help="client timeout per request, s")
     p.add_argument("--max-queue", type=int, default=8, help="LOCUS_MAX_QUEUE of the server (default 8)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    p.add_argument("--hostile-fraction", type=float, default=0.0, help="share of hostile requests mixed in (soak: 0.2)")
     args = p.parse_args(argv)
 
     model, model_note = model_folder(args.model)
@@ -222,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"capacity {capacity:.2f} req/s at concurrency {workers}; offering {rate:.2f} req/s for {args.duration:g} s"
         )
-        run = asyncio.run(drive(url, files, rate, args.duration, args.timeout, proc.pid))
+        hostile = hostile_payloads(files) if args.hostile_fraction > 0 else None
+        run = asyncio.run(
+            drive(url, files, rate, args.duration, args.timeout, proc.pid, hostile, args.hostile_fraction)
+        )
         time.sleep(2.0)
         rss_after = rss_mb(proc.pid)
         alive = proc.poll() is None
@@ -236,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run["results"]
     codes = Counter(str(s) for s, _ in results)
-    unanswered = sum(1 for s, _ in results if not isinstance(s, int))
+    unanswered = sum(1 for s, _ in results if not isinstance(s, int) and not str(s).startswith("hostile-"))
     bad_5xx = sum(1 for s, _ in results if isinstance(s, int) and s >= 500 and s != 503)
     lat_all = [t for s, t in results if isinstance(s, int)]
     lat_ok = [t for s, t in results if s == 200]
