@@ -49,7 +49,6 @@ from typing import Any
 
 from locus.service.classes import CHANNELS, NUM_CLASSES
 from locus.service.config import PipelineSettings
-from locus.service.encoding import parse_prediction_string
 from locus.service.factory import build_pipeline
 from locus.service.pipeline import ClassifyOptions, Pipeline
 from locus.service.readers import EXTENSIONS, FieldRef, IncompleteFieldError, find_fields, load_field
@@ -59,6 +58,7 @@ from locus.service.submission import SubmissionRow, SubmissionWriter
 __all__ = [
     "RayUnavailableError",
     "FieldError",
+    "FormattedRow",
     "ROW_KEYS",
     "ERRORS_HEADER",
     "cell_schema",
@@ -268,6 +268,23 @@ def read_field_list(path: str | os.PathLike) -> list[dict[str, str]]:
         seen.add(ident)
         out.append({"id": ident, "prefix": prefix, **channels})
     return out
+
+
+@dataclass
+class FormattedRow(SubmissionRow):
+    """A submission row whose ``PredictionString`` was already formatted (and checked) by the actor.
+
+    The driver writes every field's row; re-parsing and re-formatting a 2048² field's string (hundreds
+    of KiB) there would make the one driver the job's bottleneck.
+    """
+
+    prediction_string: str = ""
+
+    def to_csv_fields(self) -> list[str]:
+        """The four CSV fields; the ID and size are checked as for any row."""
+        fields = SubmissionRow(self.id, self.width, self.height).to_csv_fields()
+        fields[3] = self.prediction_string
+        return fields
 
 
 @dataclass
@@ -879,8 +896,11 @@ def predict_ray(
                         stats["field_seconds"].append(rec["t_end"] - rec["t_start"])
                         stats["per_actor"][rec["actor"]] = stats["per_actor"].get(rec["actor"], 0) + 1
                         if rec["ok"]:
-                            preds = parse_prediction_string(rec["prediction_string"])
-                            pending_rows.append(SubmissionRow(rec["id"], rec["width"], rec["height"], preds))
+                            pending_rows.append(
+                                FormattedRow(
+                                    rec["id"], rec["width"], rec["height"], prediction_string=rec["prediction_string"]
+                                )
+                            )
                             pending_cells.append(pa.ipc.open_stream(rec["cells"]).read_all())
                             stats["done"] += 1
                             stats["cells"] += rec["n_cells"]
@@ -908,6 +928,13 @@ def predict_ray(
 
 def run_ray(args: argparse.Namespace) -> int:
     """Run ``locus predict --engine ray`` from the parsed ``predict`` arguments."""
+    if getattr(args, "format", None):
+        print(
+            "locus predict: --format is not supported with --engine ray, which writes the CSV, a per-cell "
+            "Parquet table (OUT.cells.parquet) and an errors CSV",
+            file=sys.stderr,
+        )
+        return 2
     try:
         stats = predict_ray(
             args.folder,
