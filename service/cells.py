@@ -72,8 +72,9 @@ def cell_records(labels: np.ndarray) -> list[CellRecord]:
         raise ValueError(f"expected an integer label image, got dtype {labels.dtype}")
     if labels.size == 0:
         return []
-    labels = labels.astype(np.int64, copy=False)
-    if labels.min() < 0:
+    if labels.dtype == bool:
+        labels = labels.view(np.uint8)
+    if labels.dtype.kind == "i" and labels.min() < 0:
         raise ValueError("label images must not hold negative labels")
     slices = ndimage.find_objects(labels)
     h, w = labels.shape

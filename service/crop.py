@@ -185,6 +185,7 @@ def crop_cells(
     labels: np.ndarray,
     rule: CropRule,
     cell_ids: list[int] | None = None,
+    boxes: dict[int, tuple[int, int, int, int]] | None = None,
 ) -> tuple[list[int], np.ndarray]:
     """Crop every (or the given) cells of a field.
 
@@ -198,6 +199,9 @@ def crop_cells(
         The crop rule.
     cell_ids : list of int, optional
         Cells to crop, default all present, in increasing id order.
+    boxes : dict, optional
+        ``{cell_id: (row0, col0, row1, col1)}`` when already known (:func:`cell_boxes`), so the label
+        image is not scanned again.
 
     Returns
     -------
@@ -206,7 +210,7 @@ def crop_cells(
     batch : numpy.ndarray
         (N, size, size, C) ``float32`` in 0-255.
     """
-    boxes = cell_boxes(labels)
+    boxes = cell_boxes(labels) if boxes is None else boxes
     ids = sorted(boxes) if cell_ids is None else list(cell_ids)
     batch = np.zeros((len(ids), rule.size, rule.size, image.shape[2]), dtype=np.float32)
     for k, cid in enumerate(ids):

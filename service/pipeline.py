@@ -22,7 +22,7 @@ from locus.service.config import IG_BASELINE, IG_BUDGET, IG_MAX_CELLS, IG_STEPS,
 from locus.service.crop import crop_cells
 from locus.service.encoding import encode_label_masks, format_prediction_string, rle_to_kaggle
 from locus.service.inference import Classifier
-from locus.service.problems import WorkLimitError
+from locus.service.problems import InputError, WorkLimitError
 from locus.service.segmentation.base import Segmenter
 
 __all__ = ["ClassifyOptions", "CellAttribution", "CellResult", "FieldResult", "Pipeline"]
@@ -61,6 +61,11 @@ class ClassifyOptions:
     attribute_top : bool
         Explain only each cell's most probable class (its top label, or its highest score when no
         class passes its threshold) instead of all its labels; ignored with ``attribution_classes``.
+    pixel_size : float, optional
+        The image's pixel size in micrometres. When given (and different from the model manifest's
+        ``pixel_size``), the field is resampled to the model's training scale for segmentation and
+        cropping; masks, boxes, areas and maps still come back at the image's full resolution.
+        None (default): no resampling.
     """
 
     threshold: float | None = None
@@ -74,6 +79,7 @@ class ClassifyOptions:
     attribute_top: bool = False
     ig_budget: int | None = IG_BUDGET
     max_map_bytes: int | None = MAX_MAP_BYTES
+    pixel_size: float | None = None
 
 
 @dataclass
@@ -240,7 +246,10 @@ class Pipeline:
         check = _checker(stop)
 
         t = time.perf_counter()
-        cell_labels, nuclei_labels = self.segmenter.segment(image)
+        work = resample_to_model(image, options.pixel_size, self.classifier.manifest.pixel_size)
+        cell_work, nuclei_labels = self.segmenter.segment(work)
+        cell_labels = labels_to_shape(cell_work, image.shape[:2])
+        nuclei_labels = labels_to_shape(nuclei_labels, image.shape[:2])
         # The contract: nucleus k lies inside cell k; keep only what honours it, so ids are shared.
         nuclei_labels = np.where(nuclei_labels == cell_labels, nuclei_labels, 0).astype(np.int32, copy=False)
         timings["segment"] = (time.perf_counter() - t) * 1e3
@@ -250,7 +259,8 @@ class Pipeline:
         records = cell_records(cell_labels)
         ids = [r.id for r in records]
         rule = self.classifier.crop_rule
-        _, batch = crop_cells(image, cell_labels, rule, ids)
+        boxes = {r.id: r.bbox for r in records} if cell_work is cell_labels else None  # found once, used twice
+        _, batch = crop_cells(work, cell_work, rule, ids, boxes)
         timings["crop"] = (time.perf_counter() - t) * 1e3
 
         check()
@@ -347,6 +357,78 @@ class Pipeline:
             probs = cell.probabilities
             return [max(cell.labels, key=lambda k: probs[k]) if cell.labels else int(np.argmax(probs))]
         return list(cell.labels)
+
+
+def resample_to_model(image: np.ndarray, pixel_size: float | None, model_pixel_size: float | None) -> np.ndarray:
+    """The field at the model's training scale (the input itself when no resampling is asked or needed).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (H, W, C) field.
+    pixel_size : float, optional
+        The image's pixel size in micrometres; None: no resampling.
+    model_pixel_size : float, optional
+        The pixel size the model was trained at (manifest ``pixel_size``).
+
+    Returns
+    -------
+    numpy.ndarray
+        (round(H * f), round(W * f), C) with ``f = pixel_size / model_pixel_size``, area interpolation
+        when shrinking and linear when enlarging; same dtype.
+
+    Raises
+    ------
+    InputError
+        A pixel size is given but the model folder records none, or the resampled field would be
+        under 16 or over 16384 pixels on a side.
+    """
+    if pixel_size is None:
+        return image
+    if model_pixel_size is None:
+        raise InputError(
+            "pixel_size: this model folder records no training pixel size (manifest pixel_size), so the image "
+            "cannot be brought to its scale; leave pixel_size out",
+            field="pixel_size",
+        )
+    f = float(pixel_size) / float(model_pixel_size)
+    h, w = image.shape[:2]
+    nh, nw = int(round(h * f)), int(round(w * f))
+    if (nh, nw) == (h, w):
+        return image
+    if min(nh, nw) < 16 or max(nh, nw) > 16384:
+        raise InputError(
+            f"pixel_size: at {pixel_size} um per pixel this {w}x{h} image would be {nw}x{nh} at the model's "
+            f"{model_pixel_size} um per pixel, outside 16-16384 px",
+            field="pixel_size",
+        )
+    import cv2
+
+    interp = cv2.INTER_AREA if f < 1.0 else cv2.INTER_LINEAR
+    return cv2.resize(image, (nw, nh), interpolation=interp).reshape(nh, nw, *image.shape[2:])
+
+
+def labels_to_shape(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A label image brought to ``shape`` (nearest neighbour; the input itself when it already fits).
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (h, w) integer label image.
+    shape : tuple of int
+        (H, W) wanted.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) ``int32`` label image.
+    """
+    if labels.shape[:2] == tuple(shape):
+        return labels
+    import cv2
+
+    out = cv2.resize(labels.astype(np.int32), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_NEAREST)
+    return out.astype(np.int32, copy=False)
 
 
 def _map_bytes(box: tuple[int, int, int, int]) -> int:
