@@ -40,7 +40,6 @@ def test_repo_configs_validate():
 
 def test_locus_train_parser_overrides(tmp_path):
     from locus.cli import build_parser
-
     from locus.training.train import config_from_args
 
     argv = [
