@@ -77,6 +77,13 @@ class Manifest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict, description="Training data summary and metrics")
     config: dict[str, Any] = Field(default_factory=dict, description="The full training config")
     created: str | None = None
+    pixel_size: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100.0,
+        description="Pixel size (micrometres per pixel) the model was trained at; a request that gives its own "
+        "pixel_size is resampled to this scale for segmentation and cropping. None: unknown, no resampling.",
+    )
 
     @field_validator("channels")
     @classmethod

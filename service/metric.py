@@ -59,6 +59,13 @@ __all__ = [
     "evaluate_folder",
     "truth_from_labels",
     "segmentation_scores",
+    "WRONG_CALL_SHARE",
+    "FieldCalls",
+    "ImageLevelResult",
+    "field_calls",
+    "evaluate_image_level",
+    "evaluate_image_level_csv",
+    "cell_probabilities_from_submission",
 ]
 
 IOU_THRESHOLD: float = 0.6
@@ -535,3 +542,270 @@ def segmentation_scores(
         "mean_iou": float(matched_ious.mean()) if n_matched else math.nan,
         "iou_threshold": float(iou_threshold),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-level mode: fields with image labels only (real HPA / Kaggle train.csv), no cell truth.
+# ----------------------------------------------------------------------------------------------
+
+WRONG_CALL_SHARE: float = 0.4
+"""A wrong class called on at least this share of a field's cells counts as a dominant wrong call."""
+
+
+@dataclass
+class FieldCalls:
+    """What a model called on one field that has only image-level labels.
+
+    Attributes
+    ----------
+    id : str
+        Field ID.
+    true_labels : list of int
+        The field's image labels.
+    n_cells : int
+        Cells classified.
+    called : dict of int to int
+        Class id -> cells on which it is called (probability at or above its threshold); every class called.
+    top : dict of int to int
+        Class id -> cells on which it is the most probable class.
+    found : list of int
+        True labels called on at least one cell.
+    missed : list of int
+        True labels called on no cell.
+    wrong_dominant : list of int
+        Classes not among the true labels called on at least ``WRONG_CALL_SHARE`` of the cells.
+    image_scores : list of float
+        Per class, the field's score: the highest cell probability.
+    """
+
+    id: str
+    true_labels: list[int]
+    n_cells: int
+    called: dict[int, int]
+    top: dict[int, int]
+    found: list[int]
+    missed: list[int]
+    wrong_dominant: list[int]
+    image_scores: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, with class names."""
+        return {
+            "id": self.id,
+            "true_labels": [CLASS_NAMES[c] for c in self.true_labels],
+            "n_cells": self.n_cells,
+            "called": {CLASS_NAMES[c]: n for c, n in sorted(self.called.items(), key=lambda kv: -kv[1])},
+            "top": {CLASS_NAMES[c]: n for c, n in sorted(self.top.items(), key=lambda kv: -kv[1])},
+            "found": [CLASS_NAMES[c] for c in self.found],
+            "missed": [CLASS_NAMES[c] for c in self.missed],
+            "wrong_dominant": [CLASS_NAMES[c] for c in self.wrong_dominant],
+        }
+
+
+@dataclass
+class ImageLevelResult:
+    """Image-level scores over fields with image labels only.
+
+    Attributes
+    ----------
+    ap : dict of int to float
+        Per class, AP over images where an image's score is its highest cell probability; NaN for a class
+        no image carries (or that every image carries: no negatives to rank against).
+    fields : list of FieldCalls
+        Per field, the calls.
+    """
+
+    ap: dict[int, float]
+    fields: list[FieldCalls]
+
+    @property
+    def mAP(self) -> float:  # noqa: N802 - the metric's usual name
+        """Mean of the defined per-class image-level APs (NaN when none is defined)."""
+        vals = [v for v in self.ap.values() if not math.isnan(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    @property
+    def labels_found(self) -> tuple[int, int]:
+        """(true image labels called on at least one cell, all true image labels)."""
+        return sum(len(f.found) for f in self.fields), sum(len(f.true_labels) for f in self.fields)
+
+    @property
+    def fields_with_wrong_dominant(self) -> int:
+        """Fields where some wrong class is called on at least ``WRONG_CALL_SHARE`` of the cells."""
+        return sum(1 for f in self.fields if f.wrong_dominant)
+
+    def table(self) -> str:
+        """Per-field lines and the summary lines."""
+        lines = []
+        for f in self.fields:
+            d = f.to_dict()
+            called = ", ".join(f"{k} {v}" for k, v in d["called"].items()) or "-"
+            top = ", ".join(f"{k} {v}" for k, v in d["top"].items()) or "-"
+            lines.append(f"{f.id}: {f.n_cells} cells; true: {', '.join(d['true_labels'])}")
+            lines.append(f"  called: {called}")
+            lines.append(f"  top label: {top}")
+            lines.append(
+                f"  found {len(f.found)}/{len(f.true_labels)}"
+                + (f"; missed: {', '.join(d['missed'])}" if f.missed else "")
+                + (
+                    f"; wrong on >= {WRONG_CALL_SHARE:.0%}: {', '.join(d['wrong_dominant'])}"
+                    if f.wrong_dominant
+                    else ""
+                )
+            )
+        found, total = self.labels_found
+        lines.append(f"true labels called on >= 1 cell: {found}/{total}")
+        lines.append(
+            f"fields with a wrong class on >= {WRONG_CALL_SHARE:.0%} of cells: {self.fields_with_wrong_dominant}"
+        )
+        lines.append(f"image-level mAP: {self.mAP:.3f}" if not math.isnan(self.mAP) else "image-level mAP: n/a")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        found, total = self.labels_found
+        return {
+            "image_level_mAP": None if math.isnan(self.mAP) else self.mAP,
+            "ap": {CLASS_NAMES[c]: (None if math.isnan(v) else v) for c, v in self.ap.items()},
+            "labels_found": found,
+            "labels_total": total,
+            "fields_with_wrong_dominant": self.fields_with_wrong_dominant,
+            "fields": [f.to_dict() for f in self.fields],
+        }
+
+
+def field_calls(
+    image_id: str, true_labels: Sequence[int], probabilities: np.ndarray, thresholds: np.ndarray | Sequence[float]
+) -> FieldCalls:
+    """The calls of one field with image labels only.
+
+    Parameters
+    ----------
+    image_id : str
+        Field ID.
+    true_labels : sequence of int
+        Image labels.
+    probabilities : numpy.ndarray
+        (n_cells, 19) cell probabilities.
+    thresholds : array-like
+        (19,) per-class decision thresholds.
+
+    Returns
+    -------
+    FieldCalls
+    """
+    p = np.asarray(probabilities, dtype=np.float64).reshape(-1, NUM_CLASSES)
+    thr = np.asarray(thresholds, dtype=np.float64).reshape(NUM_CLASSES)
+    n = p.shape[0]
+    calls = p >= thr[None, :]
+    n_called = calls.sum(axis=0)
+    called = {int(k): int(n_called[k]) for k in np.flatnonzero(n_called)}
+    top_counts = np.bincount(p.argmax(axis=1), minlength=NUM_CLASSES) if n else np.zeros(NUM_CLASSES, int)
+    top = {int(k): int(top_counts[k]) for k in np.flatnonzero(top_counts)}
+    truth = sorted({int(c) for c in true_labels})
+    found = [c for c in truth if called.get(c, 0) > 0]
+    wrong = [c for c, k in called.items() if c not in truth and n and k >= WRONG_CALL_SHARE * n]
+    scores = p.max(axis=0) if n else np.zeros(NUM_CLASSES)
+    return FieldCalls(
+        id=image_id,
+        true_labels=truth,
+        n_cells=n,
+        called=called,
+        top=top,
+        found=found,
+        missed=[c for c in truth if c not in found],
+        wrong_dominant=sorted(wrong),
+        image_scores=[float(v) for v in scores],
+    )
+
+
+def evaluate_image_level(
+    image_labels: Mapping[str, Sequence[int]],
+    cell_probabilities: Mapping[str, np.ndarray],
+    thresholds: np.ndarray | Sequence[float],
+) -> ImageLevelResult:
+    """Score fields that have image-level labels only.
+
+    Per class: AP over images, an image's score being its highest cell probability (positives: the images
+    labelled with the class). Per field: :func:`field_calls`.
+
+    Parameters
+    ----------
+    image_labels : mapping
+        Field ID -> image labels (class ids).
+    cell_probabilities : mapping
+        Field ID -> (n_cells, 19) probabilities; a field without predictions counts as no cells.
+    thresholds : array-like
+        (19,) per-class decision thresholds (the model manifest's).
+
+    Returns
+    -------
+    ImageLevelResult
+    """
+    fields = [
+        field_calls(i, image_labels[i], cell_probabilities.get(i, np.zeros((0, NUM_CLASSES))), thresholds)
+        for i in sorted(image_labels)
+    ]
+    ap: dict[int, float] = {}
+    for k in range(NUM_CLASSES):
+        positive = np.array([k in f.true_labels for f in fields], dtype=bool)
+        if not positive.any() or positive.all():
+            ap[k] = float("nan")
+            continue
+        scores = np.array([f.image_scores[k] for f in fields])
+        order = np.argsort(-scores, kind="stable")
+        ap[k] = average_precision(scores[order], positive[order], int(positive.sum()))
+    return ImageLevelResult(ap=ap, fields=fields)
+
+
+def cell_probabilities_from_submission(row_predictions: Sequence[tuple[int, float, str]]) -> np.ndarray:
+    """Per-cell probabilities from one submission row: a cell is one distinct mask string.
+
+    Parameters
+    ----------
+    row_predictions : sequence of (int, float, str)
+        (class, confidence, Kaggle mask string) triples of one field; classes a cell does not list score 0.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_cells, 19) float64, cells in order of first appearance.
+    """
+    index: dict[str, int] = {}
+    rows: list[np.ndarray] = []
+    for c, conf, mask in row_predictions:
+        i = index.setdefault(mask, len(index))
+        if i == len(rows):
+            rows.append(np.zeros(NUM_CLASSES))
+        rows[i][int(c)] = max(rows[i][int(c)], float(conf))
+    return np.stack(rows) if rows else np.zeros((0, NUM_CLASSES))
+
+
+def evaluate_image_level_csv(
+    labels_csv: str | os.PathLike, submission_csv: str | os.PathLike, thresholds: np.ndarray | Sequence[float]
+) -> ImageLevelResult:
+    """:func:`evaluate_image_level` from a Kaggle ``train.csv`` and a submission CSV.
+
+    Parameters
+    ----------
+    labels_csv : path-like
+        ``ID,Label`` image labels; only the IDs also in the submission are scored.
+    submission_csv : path-like
+        Submission CSV of the same fields.
+    thresholds : array-like
+        (19,) per-class thresholds.
+
+    Returns
+    -------
+    ImageLevelResult
+    """
+    from locus.service.readers import read_labels_csv
+    from locus.service.submission import read_submission
+
+    labels = read_labels_csv(labels_csv)
+    rows = read_submission(submission_csv)
+    scored = {i: labels[i] for i in rows if i in labels}
+    if not scored:
+        raise ValueError(f"{submission_csv}: no field ID in common with {labels_csv}")
+    probs = {i: cell_probabilities_from_submission(rows[i].predictions) for i in scored}
+    return evaluate_image_level(scored, probs, thresholds)

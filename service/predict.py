@@ -67,6 +67,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-resume", action="store_true", help="overwrite the output instead of resuming")
     parser.add_argument("--limit", type=int, default=None, help="process at most this many fields")
+    parser.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="pixel size of the images in micrometres: fields are resampled to the model's training scale for "
+        "segmentation and cropping (masks stay at full resolution); default: no resampling",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = parser.add_argument_group("Ray (--engine ray: whole collections on a Ray cluster, the [ray] extra)")
     ray.add_argument(
@@ -95,6 +103,7 @@ def predict_folder(
     progress: bool = True,
     formats: tuple[str, ...] | list[str] = (),
     format_dir: str | Path | None = None,
+    pixel_size: float | None = None,
 ) -> dict[str, int]:
     """Classify every field of a folder and write the submission CSV.
 
@@ -123,6 +132,8 @@ def predict_folder(
         :class:`~locus.service.formats.FormatWriter`.
     format_dir : str or Path, optional
         Their folder (default: the folder of ``out``).
+    pixel_size : float, optional
+        The images' pixel size in micrometres (:attr:`ClassifyOptions.pixel_size`); default no resampling.
 
     Returns
     -------
@@ -134,7 +145,7 @@ def predict_folder(
     refs = find_fields(folder)
     if limit is not None:
         refs = refs[:limit]
-    options = ClassifyOptions(include_masks=True, include_scores=True)
+    options = ClassifyOptions(include_masks=True, include_scores=True, pixel_size=pixel_size)
     extra = None
     if formats:
         extra = FormatWriter(Path(format_dir) if format_dir else Path(out).parent, formats, resume=resume)
@@ -168,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "engine", "local") == "ray":
         from locus.service.batch_ray import run_ray
 
+        if getattr(args, "pixel_size", None) is not None:
+            print("locus predict: --pixel-size is not supported with --engine ray yet", file=sys.stderr)
+            return 2
         return run_ray(args)
     try:
         stats = _run_local(args)
@@ -197,4 +211,5 @@ def _run_local(args: argparse.Namespace) -> dict[str, int]:
         progress=not args.quiet,
         formats=args.format,
         format_dir=args.format_dir,
+        pixel_size=getattr(args, "pixel_size", None),
     )

@@ -8,6 +8,16 @@ Usage::
 or the ``truth/`` folder itself. Prints a per-class table (id, name, n GT,
 n pred, AP; "n/a" for classes without ground truth, which are excluded from
 the mean) and a final line ``mAP: 0.xxx``.
+
+Image-level mode, for fields with image labels only (real HPA / Kaggle fields)::
+
+    locus eval --truth DIR --predictions submission.csv --image-level [--model MODEL_DIR | --threshold 0.5]
+
+``DIR`` holds ``train.csv`` (``ID,Label``). Per class: AP over images, an image's
+score being its highest cell score. Per field: which true labels are called on at
+least one cell (a call: probability at or above the model manifest's per-class
+threshold, or ``--threshold``), and which wrong classes are called on at least 40%
+of its cells; also each cell's top label.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from locus.service.metric import IOU_THRESHOLD, evaluate_folder
+from locus.service.metric import IOU_THRESHOLD, evaluate_folder, evaluate_image_level_csv
 
 __all__ = ["configure_parser", "run"]
 
@@ -46,6 +56,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=IOU_THRESHOLD,
         help=f"IoU threshold of a match (default {IOU_THRESHOLD}, the competition's)",
     )
+    image = parser.add_argument_group("image-level mode (fields with image labels only)")
+    image.add_argument(
+        "--image-level",
+        action="store_true",
+        help="score against DIR/train.csv image labels: per-class AP over images (image score = highest cell "
+        "score), true labels called per field, wrong classes on >= 40%% of a field's cells",
+    )
+    image.add_argument("--model", default=None, help="model folder whose per-class thresholds decide a call")
+    image.add_argument("--threshold", type=float, default=None, help="one threshold for every class instead")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,9 +80,36 @@ def run(args: argparse.Namespace) -> int:
     int
         0 on success, 2 on bad input (message on stderr).
     """
+    if getattr(args, "image_level", False):
+        return _run_image_level(args)
     try:
         result = evaluate_folder(args.truth, args.predictions, iou_threshold=args.iou)
     except (OSError, ValueError) as exc:
+        sys.stderr.write(f"locus eval: {exc}\n")
+        return 2
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _run_image_level(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from locus.service.classes import NUM_CLASSES
+
+    root = Path(args.truth)
+    labels_csv = root if root.is_file() else root / "train.csv"
+    try:
+        if args.threshold is not None:
+            thresholds = np.full(NUM_CLASSES, float(args.threshold))
+        else:
+            from locus.service.manifest import load_manifest
+            from locus.service.predict import DEFAULT_MODEL_DIR
+
+            thresholds = np.asarray(load_manifest(args.model or DEFAULT_MODEL_DIR, verify_hashes=False).thresholds)
+        result = evaluate_image_level_csv(labels_csv, args.predictions, thresholds)
+    except (OSError, ValueError, RuntimeError) as exc:
         sys.stderr.write(f"locus eval: {exc}\n")
         return 2
     print(result.table())

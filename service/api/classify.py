@@ -189,6 +189,16 @@ async def classify(
         int | None, Query(ge=2, description="Integrated-gradient steps (default from settings)")
     ] = None,
     ig_baseline: Annotated[Literal["black", "blur"], Query(description="Integrated-gradient baseline")] = "black",
+    pixel_size: Annotated[
+        float | None,
+        Query(
+            gt=0.0,
+            le=100.0,
+            description="The image's pixel size in micrometres; the field is resampled to the model's training "
+            "scale (GET /model: pixel_size) for segmentation and cropping, masks stay at full resolution. "
+            "Default: no resampling",
+        ),
+    ] = None,
 ) -> ClassifyResponse | KaggleResponse | Response:
     """Segment the four-channel field, classify every cell into the 19 HPA classes, and answer per cell.
 
@@ -211,6 +221,7 @@ async def classify(
         attribution_classes=attribution_classes,
         ig_steps=ig_steps,
         ig_baseline=ig_baseline,
+        pixel_size=pixel_size,
     )
     if fmt in FORMATS:  # files are drawn from the label images; RLE masks would go unused
         options = dataclasses.replace(options, include_masks=False)
@@ -236,9 +247,17 @@ def _options(
     attribution_classes: str | None,
     ig_steps: int | None,
     ig_baseline: str,
+    pixel_size: float | None = None,
 ) -> ClassifyOptions:
     """The request's options, checked against what this model and these settings allow."""
     settings = state.settings
+    if pixel_size is not None and state.classifier.manifest.pixel_size is None:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            "pixel_size: this model folder records no training pixel size (manifest pixel_size); leave it out",
+            "pixel_size",
+        )
     classes = _parse_classes(attribution_classes)
     steps = ig_steps or settings.ig_steps
     if attributions:
@@ -277,4 +296,5 @@ def _options(
         ig_max_cells=settings.ig_max_cells,
         ig_budget=settings.ig_budget,
         max_map_bytes=settings.max_map_bytes,
+        pixel_size=pixel_size,
     )

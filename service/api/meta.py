@@ -59,6 +59,7 @@ async def model_info(state: StateDep, _auth: Annotated[None, Depends(require_api
             "channels": list(CHANNELS),
             "value_range": m.value_range,
             "dtype": "float32",
+            "pixel_size": m.pixel_size,
         },
         crop=m.crop.model_dump(),
         provider=state.classifier.provider.primary,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -55,6 +55,7 @@ REF_PIXEL_SIZE_UM = 0.08
 #: measured on HPA-sim truth masks; ``cell_diameter_px`` is relative to it.
 REF_CELL_DIAMETER_PX = 335.0
 _MAX_SEED_CELLS = 3000
+_SCALE_SALT = 0x5343414C45  # "SCALE": the per-field cell-diameter draw's own stream
 
 SIM_VERSION = "2.0"
 MITOTIC_SPINDLE = 11
@@ -111,8 +112,11 @@ class SimConfig:
         Median cell diameter in pixels (equivalent-area diameter of whole cells), independent of ``size``:
         the magnification. Overrides the size-proportional default; ``cell_scale`` still multiplies it.
     pixel_size_um : float, optional
-        Pixel size in micrometres (HPA's confocal images: 0.08); cells are about 24 um across, so
-        ``pixel_size_um=0.16`` gives cells about 150 px across. Give this or ``cell_diameter_px``, not both.
+        Pixel size in micrometres (HPA's confocal images: 0.08); cells are about 27 um across, so
+        ``pixel_size_um=0.16`` gives cells about 170 px across. Give this or ``cell_diameter_px``, not both.
+    cell_diameter_range : tuple of float, optional
+        (low, high): each field draws its median cell diameter in pixels log-uniformly from this range (a
+        training set that mixes magnifications). Overrides the other scale options.
     mitotic_fraction : float
         Probability that a cell is mitotic (fields with a spindle protein always get a few).
     negative_field_fraction : float
@@ -133,11 +137,28 @@ class SimConfig:
     illumination: float = 1.0
     cell_diameter_px: float | None = None
     pixel_size_um: float | None = None
+    cell_diameter_range: tuple[float, float] | None = None
+
+    def for_field(self, seed: int, index: int) -> SimConfig:
+        """The configuration of one field: with ``cell_diameter_range``, its own drawn cell diameter.
+
+        The draw uses its own random stream (``SeedSequence([seed, index, salt])``), so the field's other
+        randomness is that of a fixed-diameter configuration.
+        """
+        if self.cell_diameter_range is None:
+            return self
+        lo, hi = self.cell_diameter_range
+        u = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), _SCALE_SALT])).random()
+        d = float(np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo))))
+        return replace(self, cell_diameter_px=d, pixel_size_um=None, cell_diameter_range=None)
 
     @property
     def scale(self) -> float:
         """Pixel scale relative to the 2048² reference field (lengths there are multiplied by this)."""
-        if self.cell_diameter_px is not None:
+        if self.cell_diameter_range is not None:
+            lo, hi = self.cell_diameter_range
+            base = float(np.sqrt(lo * hi)) / REF_CELL_DIAMETER_PX
+        elif self.cell_diameter_px is not None:
             base = float(self.cell_diameter_px) / REF_CELL_DIAMETER_PX
         elif self.pixel_size_um is not None:
             base = REF_PIXEL_SIZE_UM / float(self.pixel_size_um)
@@ -161,6 +182,13 @@ class SimConfig:
             raise ValueError("give cell_diameter_px or pixel_size_um, not both")
         if self.cell_diameter_px is not None and not 8 <= self.cell_diameter_px <= 4096:
             raise ValueError(f"cell_diameter_px must be within 8-4096, got {self.cell_diameter_px}")
+        if self.cell_diameter_range is not None:
+            lo, hi = (float(v) for v in self.cell_diameter_range)
+            if not 8 <= lo <= hi <= 4096:
+                raise ValueError(
+                    f"cell_diameter_range must be 8 <= low <= high <= 4096, got {self.cell_diameter_range}"
+                )
+            self.cell_diameter_range = (lo, hi)
         if self.pixel_size_um is not None and not 0.005 <= self.pixel_size_um <= 5.0:
             raise ValueError(f"pixel_size_um must be within 0.005-5, got {self.pixel_size_um}")
         self.n_cells = (int(self.n_cells[0]), int(self.n_cells[1]))
@@ -299,7 +327,7 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     SimField
         The image and its ground truth; identical for equal ``(index, seed, config)``.
     """
-    config = config or SimConfig()
+    config = (config or SimConfig()).for_field(seed, index)
     rng = _field_rng(seed, index)
     size = int(config.size)
     scale = config.scale
