@@ -2,44 +2,83 @@
 
 Steps
 -----
-1. Generate a fresh HPA-sim training set and a separate held-out set (other seed, other IDs).
-2. Train EfficientNet-B0 on per-cell crops at a modest input size. ``label_source``
-   is ``"cell"`` by default because HPA-sim has per-cell ground truth;
-   ``--label-source image`` trains on weak (image-level) labels as with the Kaggle data.
-3. Export the model folder (``model.onnx``, ``grad.onnx`` when available, manifest, card).
-4. Evaluate on the held-out fields through the service's own pipeline
-   (``locus predict`` -> submission CSV -> competition metric) and write the
-   held-out mAP into the manifest's training metrics and the model card.
+1. Generate HPA-sim training sets that mix field sizes and magnifications (cells about 60 to 500 px
+   across, :data:`TRAIN_MIX`), and held-out sets at 512², 1024², 1536², 2048² and 3072² on another seed
+   (the magnification follows the field size, as when one field is sent at several resolutions).
+2. Train EfficientNet-B0 on the classical segmenter's crops (what the service sees), each labelled by the
+   truth cell it matches.
+3. Export a candidate model folder (``model.onnx``, ``grad.onnx``, manifest, card).
+4. Evaluate the candidate, and the model already in ``--out``, on every held-out size through the service's
+   own pipeline (competition mAP, IoU 0.6) and on the real validation fields with image labels only
+   (:data:`REAL_VALIDATION`, when present; never trained on).
+5. Replace ``--out`` only when the candidate is measured better (worst size and mean over sizes), or with
+   ``--force``; write the per-size table, the plots, the real-field calls and the confusion of the cell calls
+   into the manifest and ``MODEL_CARD.md``.
 
-The manifest hashes only the ONNX files, so adding the metrics afterwards keeps
-the folder valid (checked with :func:`locus.service.manifest.load_manifest`).
+The manifest hashes only the ONNX files, so adding the metrics afterwards keeps the folder valid (checked with
+:func:`locus.service.manifest.load_manifest`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv as csv_module
 import json
+import math
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["configure_parser", "run", "build_default_model", "evaluate_heldout", "record_heldout"]
+import numpy as np
+
+__all__ = [
+    "DEFAULTS",
+    "HELDOUT_SIZES",
+    "REAL_VALIDATION",
+    "TRAIN_MIX",
+    "build_default_model",
+    "configure_parser",
+    "evaluate_real",
+    "evaluate_sizes",
+    "record_evaluation",
+    "run",
+    "score_folder",
+]
 
 DEFAULTS: dict[str, Any] = {
     "out": "models/locus-sim-b0",
     "work": "runs/default-model",
-    "fields": 300,
-    "heldout_fields": 40,
-    "size": 512,
+    "fields": 240,
     "input_size": 96,
-    "epochs": 16,
+    "epochs": 12,
     "batch_size": 32,
     "learning_rate": 2e-3,
     "seed": 2021,
 }
+
+#: Training mix: (field side px, (low, high) median cell diameter px, share of the training fields).
+#: Together they cover the cell sizes of real data (HPA 2048² fields: ~250-400 px; users' downscaled
+#: fields and other microscopes: down to ~60 px) at the field sizes users send.
+TRAIN_MIX: tuple[tuple[int, tuple[float, float], float], ...] = (
+    (512, (60.0, 110.0), 0.48),
+    (1024, (110.0, 220.0), 0.26),
+    (1536, (200.0, 340.0), 0.14),
+    (2048, (300.0, 500.0), 0.12),
+)
+
+#: Held-out field sizes and how many fields of each (magnification follows the size: cells ~0.16 x side).
+HELDOUT_SIZES: dict[int, int] = {512: 16, 1024: 12, 1536: 10, 2048: 8, 3072: 6}
+
+#: Real fields with image labels only, for validation (never trained on): (folder, labels; None: its train.csv).
+#: 89_B5_1's label (Endoplasmic reticulum) is the one given in ../shared/hpa-samples/README.md.
+REAL_VALIDATION: tuple[tuple[str, dict[str, list[int]] | None], ...] = (
+    ("../shared/hpa-samples", {"89_B5_1": [6]}),
+    ("../shared/hpa-real", None),
+)
+
+#: Reference pixel size (um) of HPA-sim's 2048² scale; the manifest's ``pixel_size`` is the centre of the mix.
+_REF_PIXEL_SIZE_UM = 0.08
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -53,9 +92,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     parser.add_argument("--out", default=d["out"], help=f"model folder to write (default {d['out']})")
     parser.add_argument("--work", default=d["work"], help=f"data and run folder (default {d['work']})")
-    parser.add_argument("--fields", type=int, default=d["fields"], help="HPA-sim training fields")
-    parser.add_argument("--heldout-fields", type=int, default=d["heldout_fields"], help="HPA-sim held-out fields")
-    parser.add_argument("--size", type=int, default=d["size"], help="field side in pixels (512 = HPA at 1/4)")
+    parser.add_argument(
+        "--fields", type=int, default=d["fields"], help="HPA-sim training fields, shared out by the size mix"
+    )
+    parser.add_argument(
+        "--heldout-scale",
+        type=float,
+        default=1.0,
+        help="multiplier on the held-out fields per size (default 1: 16/12/10/8/6 at 512²..3072²)",
+    )
+    parser.add_argument(
+        "--sizes",
+        default=",".join(str(s) for s in HELDOUT_SIZES),
+        help="held-out field sizes, comma-separated (default 512,1024,1536,2048,3072)",
+    )
     parser.add_argument("--input-size", type=int, default=d["input_size"], help="crop side (model input)")
     parser.add_argument("--epochs", type=int, default=d["epochs"])
     parser.add_argument("--batch-size", type=int, default=d["batch_size"])
@@ -82,88 +132,426 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
     parser.add_argument("--name", default="locus-sim-b0")
-    parser.add_argument("--version", default="0.1.0")
+    parser.add_argument("--version", default="2.0.0")
     parser.add_argument("--no-grad", action="store_true", help="do not export grad.onnx")
-    parser.add_argument("--skip-eval", action="store_true", help="do not evaluate on the held-out fields")
+    parser.add_argument("--skip-eval", action="store_true", help="do not evaluate (the candidate replaces --out)")
+    parser.add_argument("--no-compare", action="store_true", help="do not evaluate the model already in --out")
+    parser.add_argument("--force", action="store_true", help="replace --out even when the candidate is not better")
+    parser.add_argument("--no-real", action="store_true", help="skip the real validation fields")
     parser.add_argument("--keep-data", action="store_true", help="reuse existing HPA-sim folders in --work")
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="skip generation and training: evaluate (and maybe install) the candidate already in --work",
+    )
     parser.add_argument("--quiet", action="store_true")
 
 
-def _simulate(folder: Path, n: int, seed: int, size: int, start: int, workers: int, keep: bool, progress: bool) -> Path:
-    from locus.training.sim.generator import SimConfig, write_dataset
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def _simulate(folder: Path, n: int, seed: int, config: Any, start: int, workers: int, keep: bool, progress: bool):
+    from locus.training.sim.generator import write_dataset
 
     if keep and (folder / "train.csv").is_file():
         return folder
     if folder.exists():
         shutil.rmtree(folder)
-    return write_dataset(
-        folder, n=n, seed=seed, config=SimConfig(size=size), workers=workers, progress=progress, start=start
-    )
+    return write_dataset(folder, n=n, seed=seed, config=config, workers=workers, progress=progress, start=start)
 
 
-def evaluate_heldout(
-    model_dir: str | Path,
-    heldout_dir: str | Path,
-    work: str | Path,
-    segmenter: str = "classical",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Score a model folder on held-out fields through the service's pipeline.
+def _train_sets(work: Path, n_fields: int, seed: int, workers: int, keep: bool, progress: bool) -> list[Path]:
+    from locus.training.sim.generator import SimConfig
 
-    Runs ``locus predict`` (``cli.main``) to write a submission CSV, then
-    :func:`locus.service.metric.evaluate_folder` against the held-out ground truth.
+    out = []
+    for j, (size, drange, share) in enumerate(TRAIN_MIX):
+        n = max(2, int(round(n_fields * share)))
+        cfg = SimConfig(size=size, cell_diameter_range=drange)
+        out.append(_simulate(work / f"sim-train-{size}", n, seed, cfg, j * 10_000, workers, keep, progress))
+    return out
+
+
+def _heldout_sets(
+    work: Path, sizes: list[int], scale: float, seed: int, workers: int, keep: bool, progress: bool
+) -> dict[int, Path]:
+    from locus.training.sim.generator import SimConfig
+
+    out = {}
+    for size in sizes:
+        n = max(2, int(round(HELDOUT_SIZES.get(size, 6) * scale)))
+        out[size] = _simulate(
+            work / f"sim-heldout-{size}", n, seed, SimConfig(size=size), 100_000, workers, keep, progress
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def score_folder(pipeline: Any, folder: str | Path, progress: bool = False) -> dict[str, Any]:
+    """Competition mAP and cell-level confusion of one pipeline on one HPA-sim folder with truth.
+
+    Every field goes through :meth:`locus.service.pipeline.Pipeline.run` (what is served), its Kaggle
+    predictions through :func:`locus.service.metric.evaluate`. Each predicted cell that matches a truth cell
+    (IoU >= 0.6) adds to the confusion: for each true class of the cell, which classes were called.
 
     Parameters
     ----------
-    model_dir : str or Path
-        The model folder.
-    heldout_dir : str or Path
-        Held-out dataset with ``truth/``.
-    work : str or Path
-        Where the CSV and the JSON result go.
-    segmenter : str
-        Segmentation backend of the prediction.
+    pipeline : Pipeline
+        Built by :func:`locus.service.factory.build_pipeline`.
+    folder : str or Path
+        HPA-sim dataset with ``truth/``.
     progress : bool
-        Show the prediction progress bar.
+        Print one line per field.
 
     Returns
     -------
     dict
-        ``{"heldout_map", "heldout_fields", "heldout_segmenter", "heldout_ap", "heldout_seconds"}``.
+        ``{"map", "ap", "fields", "cells", "matched", "top1", "confusion", "n_true"}``; ``confusion[t][c]``
+        counts matched cells of true class ``t`` called ``c``; ``n_true[t]`` the matched cells of class ``t``.
     """
-    from locus.service.metric import evaluate_folder
-    from locus.service.predict import predict_folder
+    from locus.service.classes import NUM_CLASSES
+    from locus.service.metric import evaluate, label_iou, truth_from_labels
+    from locus.service.pipeline import ClassifyOptions
+    from locus.service.readers import find_fields, load_field, load_truth, read_cell_labels
 
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    csv = work / "heldout_predictions.csv"
-    t = time.time()
-    predict_folder(heldout_dir, csv, model_dir=model_dir, segmenter=segmenter, resume=False, progress=progress)
-    # a field's PredictionString (19 classes x cells x RLE masks) exceeds csv's default 128 KiB field limit
-    csv_module.field_size_limit(max(csv_module.field_size_limit(), 1 << 30))
-    result = evaluate_folder(heldout_dir, csv)
-    (work / "heldout_eval.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    if progress:
-        print(result.table(), flush=True)
-    d = result.to_dict()
+    refs = find_fields(folder)
+    labels = read_cell_labels(folder)
+    truth, preds = {}, {}
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    n_true = np.zeros(NUM_CLASSES, np.int64)
+    cells = matched = top1 = 0
+    options = ClassifyOptions(include_masks=True)
+    for ref in refs:
+        t = load_truth(folder, ref.id, cell_labels=labels.get(ref.id, {}))
+        result = pipeline.run(load_field(ref), options)
+        truth[ref.id] = truth_from_labels(t.cells, t.cell_labels)
+        preds[ref.id] = result.predictions()
+        cells += len(result.cells)
+        p_ids, t_ids, iou = label_iou(result.cell_labels, t.cells)
+        if iou.size:
+            best = iou.argmax(axis=1)
+            pos = {int(k): i for i, k in enumerate(p_ids)}
+            for cell in result.cells:
+                i = pos.get(cell.record.id)
+                if i is None or iou[i, best[i]] < 0.6:
+                    continue
+                true = t.cell_labels.get(int(t_ids[best[i]]), [])
+                matched += 1
+                top1 += int(np.argmax(cell.probabilities)) in true
+                for c in true:
+                    n_true[c] += 1
+                    for k in cell.labels:
+                        confusion[c, k] += 1
+        if progress:
+            print(f"  {ref.id}: {len(result.cells)} cells", flush=True)
+    res = evaluate(truth, preds)
+    d = res.to_dict()
     return {
-        "heldout_map": d["mAP"],
-        "heldout_fields": d["n_images"],
-        "heldout_segmenter": segmenter,
-        "heldout_ap": [c["ap"] for c in d["classes"]],
-        "heldout_seconds": round(time.time() - t, 1),
+        "map": d["mAP"],
+        "ap": [c["ap"] for c in d["classes"]],
+        "fields": len(refs),
+        "cells": cells,
+        "matched": matched,
+        "top1": top1 / matched if matched else None,
+        "confusion": confusion.tolist(),
+        "n_true": n_true.tolist(),
     }
 
 
-def record_heldout(model_dir: str | Path, metrics: dict[str, Any]):
-    """Write held-out metrics into a model folder's manifest and card.
+def evaluate_sizes(
+    model_dir: str | Path, heldout: dict[int, Path], segmenter: str = "classical", progress: bool = True
+) -> dict[str, Any]:
+    """Held-out competition mAP of a model folder at every field size.
 
     Parameters
     ----------
     model_dir : str or Path
         The model folder.
-    metrics : dict
-        From :func:`evaluate_heldout`.
+    heldout : dict of int to Path
+        Field size -> HPA-sim folder with truth.
+    segmenter : str
+        Segmentation backend.
+    progress : bool
+        Print a line per size.
+
+    Returns
+    -------
+    dict
+        ``{"by_size": {size: score_folder(...)}, "mean_map", "worst_map", "worst_size", "seconds"}``.
+    """
+    from locus.service.config import PipelineSettings
+    from locus.service.factory import build_pipeline
+
+    t0 = time.time()
+    pipeline = build_pipeline(PipelineSettings(), model_dir=model_dir, segmenter=segmenter)
+    by_size = {}
+    try:
+        for size, folder in sorted(heldout.items()):
+            t = time.time()
+            by_size[str(size)] = score_folder(pipeline, folder)
+            if progress:
+                s = by_size[str(size)]
+                print(
+                    f"{model_dir} @ {size}²: mAP {s['map']:.3f} ({s['fields']} fields, {s['cells']} cells, "
+                    f"{time.time() - t:.0f} s)",
+                    flush=True,
+                )
+    finally:
+        pipeline.close()
+    maps = {int(k): v["map"] for k, v in by_size.items() if v["map"] is not None}
+    worst = min(maps, key=maps.get) if maps else None
+    return {
+        "by_size": by_size,
+        "mean_map": float(np.mean(list(maps.values()))) if maps else None,
+        "worst_map": maps[worst] if worst is not None else None,
+        "worst_size": worst,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def _real_sets() -> list[tuple[Path, dict[str, list[int]]]]:
+    from locus.service.readers import read_labels_csv
+
+    out = []
+    for folder, labels in REAL_VALIDATION:
+        root = Path(folder)
+        if not root.is_dir():
+            continue
+        if labels is None:
+            csv_path = root / "train.csv"
+            if not csv_path.is_file():
+                continue
+            labels = read_labels_csv(csv_path)
+        out.append((root, labels))
+    return out
+
+
+def evaluate_real(model_dir: str | Path, segmenter: str = "classical") -> dict[str, Any] | None:
+    """Image-level validation on the real fields of :data:`REAL_VALIDATION` (None when none is present).
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The model folder.
+    segmenter : str
+        Segmentation backend.
+
+    Returns
+    -------
+    dict or None
+        :meth:`locus.service.metric.ImageLevelResult.to_dict` plus ``"table"`` (text) and ``"cells"``
+        (per field, per cell: its calls and top label, by class name).
+    """
+    from locus.service.classes import CLASS_NAMES
+    from locus.service.config import PipelineSettings
+    from locus.service.factory import build_pipeline
+    from locus.service.metric import evaluate_image_level
+    from locus.service.pipeline import ClassifyOptions
+    from locus.service.readers import find_fields, load_field
+
+    sets = _real_sets()
+    if not sets:
+        return None
+    pipeline = build_pipeline(PipelineSettings(), model_dir=model_dir, segmenter=segmenter)
+    labels: dict[str, list[int]] = {}
+    probs: dict[str, np.ndarray] = {}
+    per_cell: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for root, lab in sets:
+            for ref in find_fields(root, on_missing="warn"):
+                if ref.id not in lab:
+                    continue
+                result = pipeline.run(load_field(ref), ClassifyOptions(include_masks=False))
+                labels[ref.id] = lab[ref.id]
+                probs[ref.id] = np.stack([c.probabilities for c in result.cells]) if result.cells else np.zeros((0, 19))
+                per_cell[ref.id] = [
+                    {
+                        "id": c.record.id,
+                        "top": CLASS_NAMES[int(np.argmax(c.probabilities))],
+                        "called": [CLASS_NAMES[k] for k in c.labels],
+                    }
+                    for c in result.cells
+                ]
+        thresholds = pipeline.classifier.thresholds
+    finally:
+        pipeline.close()
+    if not labels:
+        return None
+    res = evaluate_image_level(labels, probs, thresholds)
+    out = res.to_dict()
+    out["table"] = res.table()
+    out["cells"] = per_cell
+    return out
+
+
+def _better(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    if old is None or old.get("worst_map") is None:
+        return True
+    if new.get("worst_map") is None:
+        return False
+    return new["worst_map"] > old["worst_map"] and new["mean_map"] >= old["mean_map"] - 0.005
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: manifest metrics, plots and model-card sections
+# ----------------------------------------------------------------------------------------------
+
+
+def _plot_sizes(path: Path, new: dict[str, Any], old: dict[str, Any] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from locus.service.classes import CLASS_NAMES
+
+    sizes = sorted(int(s) for s in new["by_size"])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    ax = axes[0]
+    ax.plot(sizes, [new["by_size"][str(s)]["map"] for s in sizes], "o-", lw=2.5, label="new model")
+    if old:
+        osz = [s for s in sizes if str(s) in old["by_size"]]
+        ax.plot(osz, [old["by_size"][str(s)]["map"] for s in osz], "s--", lw=2, label="previous model")
+    ax.axhline(0.85, color="grey", ls=":", label="goal: worst size 0.85")
+    ax.set_xticks(sizes)
+    ax.set_xlabel("field side (px); cells ~0.16 x side across")
+    ax.set_ylabel("held-out competition mAP (IoU 0.6)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("mAP by field size")
+    ax = axes[1]
+    grid = np.array([[np.nan if v is None else v for v in new["by_size"][str(s)]["ap"]] for s in sizes], dtype=float).T
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_yticks(range(len(CLASS_NAMES)), [f"{i} {n[:28]}" for i, n in enumerate(CLASS_NAMES)], fontsize=7)
+    ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not math.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+    ax.set_title("new model: AP per class and field size")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_confusion(path: Path, ev: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from locus.service.classes import CLASS_NAMES
+
+    conf = np.zeros((19, 19))
+    n_true = np.zeros(19)
+    for s in ev["by_size"].values():
+        conf += np.asarray(s["confusion"], float)
+        n_true += np.asarray(s["n_true"], float)
+    rate = conf / np.maximum(n_true, 1)[:, None]
+    fig, ax = plt.subplots(figsize=(9, 8))
+    im = ax.imshow(rate, vmin=0, vmax=1, cmap="magma")
+    names = [f"{i} {n[:22]}" for i, n in enumerate(CLASS_NAMES)]
+    ax.set_yticks(range(19), [f"{nm} (n={int(k)})" for nm, k in zip(names, n_true, strict=True)], fontsize=7)
+    ax.set_xticks(range(19), [str(i) for i in range(19)], fontsize=7)
+    ax.set_xlabel("class called (per-class threshold)")
+    ax.set_ylabel("true class of the matched cell")
+    for i in range(19):
+        for j in range(19):
+            if rate[i, j] >= 0.05:
+                ax.text(j, i, f"{rate[i, j]:.2f}", ha="center", va="center", fontsize=5, color="c")
+    ax.set_title("Cell calls by true class, all held-out sizes")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _weakest(ev: dict[str, Any], k: int = 3) -> list[tuple[int, float]]:
+    ap = np.array([[np.nan if v is None else v for v in s["ap"]] for s in ev["by_size"].values()], dtype=float)
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(ap, axis=0)
+    order = [int(i) for i in np.argsort(np.where(np.isnan(mean), np.inf, mean)) if not np.isnan(mean[i])]
+    return [(i, float(mean[i])) for i in order[:k]]
+
+
+def _card_sections(ev: dict[str, Any], old: dict[str, Any] | None, real: dict | None, old_real: dict | None) -> str:
+    from locus.service.classes import CLASS_NAMES
+
+    sizes = sorted(int(s) for s in ev["by_size"])
+    lines = ["", "## Accuracy at every field size", ""]
+    lines.append(
+        "Held-out HPA-sim fields on a seed never used in training, through the service's own pipeline "
+        "(classical segmentation, competition mAP at IoU 0.6). The magnification follows the field size "
+        "(cells about 0.16 x the field side across: ~80 px at 512², ~320 px at 2048², ~480 px at 3072²)."
+    )
+    lines += ["", "| field | fields | cells | new mAP | previous mAP | new top-1 |", "|---:|---:|---:|---:|---:|---:|"]
+    for s in sizes:
+        n = ev["by_size"][str(s)]
+        o = (old or {}).get("by_size", {}).get(str(s))
+        top1 = "n/a" if n["top1"] is None else f"{n['top1']:.2f}"
+        lines.append(
+            f"| {s}² | {n['fields']} | {n['cells']} | **{n['map']:.3f}** | "
+            f"{_num(None if o is None else o['map'])} | {top1} |"
+        )
+    old_worst = f"{_num(old['worst_map'])} ({old['worst_size']}²)" if old else "n/a"
+    lines.append(f"| worst | | | **{ev['worst_map']:.3f}** ({ev['worst_size']}²) | {old_worst} | |")
+    lines += ["", "![mAP by field size](per_size_map.png)", "", "Per class (AP; n/a: class absent at that size):", ""]
+    lines.append("| id | class | " + " | ".join(f"{s}²" for s in sizes) + " |")
+    lines.append("|---:|---|" + "---:|" * len(sizes))
+    for i, name in enumerate(CLASS_NAMES):
+        vals = [ev["by_size"][str(s)]["ap"][i] for s in sizes]
+        lines.append(f"| {i} | {name} | " + " | ".join("n/a" if v is None else f"{v:.2f}" for v in vals) + " |")
+    lines += ["", "## Where it fails", "", "![cell calls by true class](confusion.png)", ""]
+    weak = _weakest(ev)
+    lines.append(
+        "Weakest classes (mean AP over sizes): " + ", ".join(f"{CLASS_NAMES[i]} {v:.2f}" for i, v in weak) + "."
+    )
+    if real:
+        lines += ["", "## Real validation fields (image labels only; never trained on)", ""]
+        lines.append(
+            "Five real HPA fields (`../shared/hpa-samples` 89_B5_1 and the four Kaggle fields of "
+            "`../shared/hpa-real`), through the same pipeline. A call: probability at or above the class's "
+            "threshold. `locus eval --image-level` gives the same table from a `locus predict` CSV."
+        )
+        lines += ["", "```", real["table"], "```"]
+        if old_real:
+            lines += ["", "Previous model on the same fields:", "", "```", old_real["table"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def record_evaluation(
+    model_dir: str | Path,
+    ev: dict[str, Any],
+    old: dict[str, Any] | None,
+    real: dict[str, Any] | None,
+    old_real: dict[str, Any] | None,
+    pixel_size: float | None,
+    work: Path,
+):
+    """Write the evaluation into a model folder's manifest, card and plots.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        The model folder.
+    ev, old : dict
+        :func:`evaluate_sizes` of this model and of the previous one (or None).
+    real, old_real : dict or None
+        :func:`evaluate_real` of both.
+    pixel_size : float or None
+        The pixel size (um) the model was trained at (centre of the mix), recorded in the manifest.
+    work : Path
+        Where the full JSON goes.
 
     Returns
     -------
@@ -173,17 +561,56 @@ def record_heldout(model_dir: str | Path, metrics: dict[str, Any]):
     from locus.service.manifest import load_manifest
     from locus.training.export import write_manifest, write_model_card
 
+    model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
     training = dict(manifest.training)
-    training["metrics"] = {**training.get("metrics", {}), **metrics}
-    manifest = manifest.model_copy(update={"training": training})
+    by_size = {
+        s: {"map": v["map"], "ap": v["ap"], "fields": v["fields"], "cells": v["cells"], "top1": v["top1"]}
+        for s, v in ev["by_size"].items()
+    }
+    metrics = {
+        **training.get("metrics", {}),
+        "heldout_map": ev["mean_map"],
+        "heldout_worst_map": ev["worst_map"],
+        "heldout_worst_size": ev["worst_size"],
+        "heldout_fields": sum(v["fields"] for v in ev["by_size"].values()),
+        "heldout_segmenter": "classical",
+        "heldout_by_size": by_size,
+        "heldout_seconds": ev["seconds"],
+    }
+    if old:
+        metrics["previous_model_by_size"] = {s: v["map"] for s, v in old["by_size"].items()}
+    if real:
+        metrics["real_validation"] = {k: v for k, v in real.items() if k not in ("table",)}
+    training["metrics"] = metrics
+    update: dict[str, Any] = {"training": training}
+    if pixel_size is not None and "pixel_size" in type(manifest).model_fields:
+        update["pixel_size"] = pixel_size
+    manifest = manifest.model_copy(update=update)
     write_manifest(model_dir, manifest)
     write_model_card(model_dir, manifest)
+    _plot_sizes(model_dir / "per_size_map.png", ev, old)
+    _plot_confusion(model_dir / "confusion.png", ev)
+    card = model_dir / "MODEL_CARD.md"
+    extra = _card_sections(ev, old, real, old_real)
+    notes = model_dir / "CARD_NOTES.md"
+    if notes.is_file():
+        extra += "\n" + notes.read_text(encoding="utf-8")
+    card.write_text(card.read_text(encoding="utf-8") + extra, encoding="utf-8")
+    (work / "evaluation.json").write_text(
+        json.dumps({"new": ev, "previous": old, "real": real, "previous_real": old_real}, indent=2) + "\n",
+        encoding="utf-8",
+    )
     return load_manifest(model_dir)
 
 
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
 def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
-    """Generate HPA-sim, train, export and evaluate; returns a summary.
+    """Generate HPA-sim, train, export, evaluate against the current model, and replace it when better.
 
     Parameters
     ----------
@@ -193,7 +620,7 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     Returns
     -------
     dict
-        Timings, data sizes, validation and held-out metrics, the model folder.
+        Timings, data sizes, per-size metrics of both models, the decision.
     """
     from locus.training.config import TrainConfig
     from locus.training.export import export_model_folder
@@ -203,22 +630,12 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    train_dir = _simulate(
-        work / "sim-train", args.fields, args.seed, args.size, 0, args.workers, args.keep_data, progress
-    )
-    heldout_dir = _simulate(
-        work / "sim-heldout",
-        args.heldout_fields,
-        args.seed + 1,
-        args.size,
-        100_000,
-        args.workers,
-        args.keep_data,
-        progress,
-    )
+    sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
+    train_dirs = _train_sets(work, args.fields, args.seed, args.workers, args.keep_data, progress)
+    heldout = _heldout_sets(work, sizes, args.heldout_scale, args.seed + 1, args.workers, args.keep_data, progress)
     t_sim = time.time() - t0
     config = TrainConfig(
-        train_dirs=[str(train_dir)],
+        train_dirs=[str(d) for d in train_dirs],
         label_source=args.label_source,
         use_truth_masks=args.masks == "truth",
         segmenter=args.segmenter,
@@ -240,8 +657,20 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
         with_grad=not args.no_grad,
         verbose=2 if progress else 0,
     )
+    candidate = work / "candidate"
+    if getattr(args, "eval_only", False):
+        if not (candidate / "manifest.json").is_file():
+            raise ValueError(f"--eval-only: no candidate model in {candidate}")
+        return _evaluate_and_install(args, candidate, heldout, {"seconds_sim": round(t_sim, 1)}, t0, progress)
     result = train(config, progress=progress)
     summary = dict(result.summary)
+    lo = min(r[0] for _, r, _ in TRAIN_MIX)
+    hi = max(r[1] for _, r, _ in TRAIN_MIX)
+    from locus.training.sim.generator import REF_CELL_DIAMETER_PX
+
+    centre_d = math.sqrt(lo * hi)
+    pixel_size = round(_REF_PIXEL_SIZE_UM * REF_CELL_DIAMETER_PX / centre_d, 4)
+    mix = "; ".join(f"{size}² fields, cells {r[0]:.0f}-{r[1]:.0f} px ({share:.0%})" for size, r, share in TRAIN_MIX)
     summary["notes"] = [
         f"label_source '{config.label_source}': "
         + (
@@ -251,36 +680,79 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
             if config.label_source == "cell"
             else "weak labels: each cell inherits its image's labels (the Kaggle setting)."
         ),
-        f"built by `locus default-model` with {args.fields} training and {args.heldout_fields} held-out HPA-sim "
-        f"fields of {args.size} px (seed {args.seed}); data generation {t_sim:.0f} s.",
+        f"built by `locus default-model` with {args.fields} HPA-sim training fields mixing sizes and "
+        f"magnifications ({mix}; seed {args.seed}); data generation {t_sim:.0f} s.",
+        f"pixel_size {pixel_size} um: the centre (geometric mean) of the trained cell sizes, {lo:.0f}-{hi:.0f} px "
+        f"(HPA-sim cells are {REF_CELL_DIAMETER_PX:.0f} px across at {_REF_PIXEL_SIZE_UM} um per pixel).",
     ]
-    import numpy as np
-
     parity = np.load(result.run_dir / "parity_batch.npy").astype(np.float32)
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    export_model_folder(result.model, out, config, result.thresholds, summary, parity, with_grad=not args.no_grad)
+    if candidate.exists():
+        shutil.rmtree(candidate)
+    export_model_folder(result.model, candidate, config, result.thresholds, summary, parity, with_grad=not args.no_grad)
     t_export = time.time()
     report: dict[str, Any] = {
-        "model_dir": str(out),
         "seconds_sim": round(t_sim, 1),
         "seconds_train": summary.get("seconds"),
         "train_samples_per_s": summary.get("train_samples_per_s"),
         "cells": summary["data"]["cells"],
         "val_cell_map": summary["metrics"]["val_cell_map"],
     }
-    if not args.skip_eval:
-        try:
-            import locus.service.predict  # noqa: F401 - the service's batch prediction must exist
-        except ImportError as exc:
-            report["heldout"] = f"skipped: locus.service.predict unavailable ({exc})"
-        else:
-            metrics = evaluate_heldout(out, heldout_dir, work, args.segmenter, progress)
-            record_heldout(out, metrics)
-            report["heldout_map"] = metrics["heldout_map"]
-            report["seconds_eval"] = metrics["heldout_seconds"]
     report["seconds_export"] = round(t_export - t0 - t_sim - (summary.get("seconds") or 0), 1)
+    return _evaluate_and_install(args, candidate, heldout, report, t0, progress)
+
+
+def _evaluate_and_install(
+    args: argparse.Namespace,
+    candidate: Path,
+    heldout: dict[int, Path],
+    report: dict[str, Any],
+    t0: float,
+    progress: bool,
+) -> dict[str, Any]:
+    from locus.service.manifest import load_manifest
+    from locus.training.sim.generator import REF_CELL_DIAMETER_PX
+
+    work = Path(args.work)
+    out = Path(args.out)
+    report["model_dir"] = str(out)
+    lo = min(r[0] for _, r, _ in TRAIN_MIX)
+    hi = max(r[1] for _, r, _ in TRAIN_MIX)
+    pixel_size = round(_REF_PIXEL_SIZE_UM * REF_CELL_DIAMETER_PX / math.sqrt(lo * hi), 4)
+    report["pixel_size"] = pixel_size
+    t_export = time.time()
+    load_manifest(candidate)
+    if args.skip_eval:
+        replace = True
+        ev = old = real = old_real = None
+    else:
+        ev = evaluate_sizes(candidate, heldout, args.segmenter, progress)
+        has_old = (out / "manifest.json").is_file() and not args.no_compare
+        old = evaluate_sizes(out, heldout, args.segmenter, progress) if has_old else None
+        real = None if args.no_real else evaluate_real(candidate, args.segmenter)
+        old_real = None if (args.no_real or not has_old) else evaluate_real(out, args.segmenter)
+        if progress and real:
+            print(real["table"], flush=True)
+        replace = args.force or _better(ev, old)
+        report["new_by_size"] = {s: v["map"] for s, v in ev["by_size"].items()}
+        report["previous_by_size"] = None if old is None else {s: v["map"] for s, v in old["by_size"].items()}
+        report["new_worst"] = ev["worst_map"]
+        report["previous_worst"] = None if old is None else old["worst_map"]
+        report["seconds_eval"] = round(time.time() - t_export, 1)
+    report["replaced"] = bool(replace)
+    if replace:
+        notes = out / "CARD_NOTES.md"
+        saved_notes = notes.read_text(encoding="utf-8") if notes.is_file() else None
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(candidate, out)
+        if saved_notes is not None:
+            notes.write_text(saved_notes, encoding="utf-8")
+        if ev is not None:
+            record_evaluation(out, ev, old, real, old_real, pixel_size, work)
+    elif ev is not None:
+        record_evaluation(candidate, ev, old, real, old_real, pixel_size, work)
+        if progress:
+            print(f"kept {out}: the candidate (in {candidate}) is not measured better", flush=True)
     report["seconds_total"] = round(time.time() - t0, 1)
     (work / "default_model_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
