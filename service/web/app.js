@@ -264,7 +264,14 @@ async function run(extra = {}) {
   const q = query(extra);
   const t0 = performance.now();
   const reuse = sameFiles(files, state.layerFiles);
-  const decoding = reuse ? Promise.resolve(null) : Promise.all(CHANNELS.map((c) => readChannel(files[c], c)));
+  // the page reads the files and builds its layers while the service works
+  const decoding = reuse
+    ? Promise.resolve(null)
+    : Promise.all(CHANNELS.map((c) => readChannel(files[c], c))).then((chs) => ({
+        chs,
+        layers: CHANNELS.map((c, k) => buildLayer(c, chs[k])),
+        readyAt: performance.now(),
+      }));
   decoding.catch(() => {});
   let tick = null;
   try {
@@ -281,30 +288,29 @@ async function run(extra = {}) {
     clearInterval(tick);
     const tApi = performance.now();
     progress(0.9, "drawing…");
-    const channels = await decoding;
-    const tDecoded = performance.now();
-    if (channels) {
-      const [h, w] = [channels[0].height, channels[0].width];
+    const decoded = await decoding;
+    const tLayers = performance.now();
+    if (decoded) {
+      const [h, w] = [decoded.chs[0].height, decoded.chs[0].width];
       if (h !== answer.image.height || w !== answer.image.width) {
         throw new ApiError(0, { message: `the page read a ${w}×${h} image, the service a ${answer.image.width}×${answer.image.height} one` });
       }
-      state.layers = CHANNELS.map((c, k) => buildLayer(c, channels[k]));
+      state.layers = decoded.layers;
       state.layerFiles = files;
     }
-    const tLayers = performance.now();
     const keepSelection = reuse && state.answer ? state.selected : null;
     state.answer = answer;
     state.asked = q;
     state.answerFiles = files;
-    if (channels || !reuse) view.setField(answer.image.width, answer.image.height, state.layers);
+    if (decoded) view.setField(answer.image.width, answer.image.height, state.layers);
     view.setCells(answer.cells, cellColour);
     $("#field").dataset.cellsDrawn = String(view.stats.drawnCells);
     await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
     const tDrawn = performance.now();
     state.timings = {
       api_ms: tApi - t0,
-      decode_wait_ms: tDecoded - tApi,
-      layers_ms: tLayers - tDecoded,
+      layers_ready_ms: decoded ? decoded.readyAt - t0 : 0, // files read and layers built (during the API call)
+      layers_wait_ms: tLayers - tApi,
       cells_and_draw_ms: tDrawn - tLayers,
       total_ms: tDrawn - t0,
       server_ms: answer.timings_ms ? answer.timings_ms.total : null,

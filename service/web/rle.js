@@ -105,28 +105,34 @@ export function decodeInBox(rle, box) {
 export function outlineSegments(m) {
   const { h, w, data, row0, col0 } = m;
   const seg = [];
-  const at = (r, c) => (r >= 0 && r < h && c >= 0 && c < w ? data[r * w + c] : 0);
   // Horizontal edges: between row r-1 and r, for r in 0..h; a run of columns where they differ.
   for (let r = 0; r <= h; r++) {
+    const above = (r - 1) * w;
+    const here = r * w;
     let start = -1;
     for (let c = 0; c <= w; c++) {
-      const edge = c < w && at(r - 1, c) !== at(r, c);
+      const a = r > 0 && c < w ? data[above + c] : 0;
+      const b = r < h && c < w ? data[here + c] : 0;
+      const edge = a !== b;
       if (edge && start < 0) start = c;
-      if (!edge && start >= 0) {
+      else if (!edge && start >= 0) {
         seg.push(col0 + start, row0 + r, col0 + c, row0 + r);
         start = -1;
       }
     }
   }
-  // Vertical edges: between column c-1 and c.
-  for (let c = 0; c <= w; c++) {
-    let start = -1;
-    for (let r = 0; r <= h; r++) {
-      const edge = r < h && at(r, c - 1) !== at(r, c);
-      if (edge && start < 0) start = r;
-      if (!edge && start >= 0) {
-        seg.push(col0 + c, row0 + start, col0 + c, row0 + r);
-        start = -1;
+  // Vertical edges: between column c-1 and c; runs of rows, followed row by row (row-major memory order).
+  const open = new Int32Array(w + 1).fill(-1);
+  for (let r = 0; r <= h; r++) {
+    const here = r * w;
+    for (let c = 0; c <= w; c++) {
+      const a = r < h && c > 0 ? data[here + c - 1] : 0;
+      const b = r < h && c < w ? data[here + c] : 0;
+      const edge = a !== b;
+      if (edge && open[c] < 0) open[c] = r;
+      else if (!edge && open[c] >= 0) {
+        seg.push(col0 + c, row0 + open[c], col0 + c, row0 + r);
+        open[c] = -1;
       }
     }
   }

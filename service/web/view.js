@@ -35,6 +35,9 @@ export class FieldView {
     this.oy = 0;
     this.listeners = { select: [], hover: [], view: [] };
     this.stats = { drawnCells: 0, frames: 0, lastFrameMs: 0, source: "none" };
+    this._comp = { preview: null, full: null }; // the channels composited with the current settings
+    this._compTimer = null;
+    this._outlineRaster = null; // all outlines at preview resolution, for zoomed-out frames
     this._queued = false;
     this._bindEvents();
     new ResizeObserver(() => this._resize()).observe(canvas.parentElement);
@@ -70,6 +73,8 @@ export class FieldView {
     this.width = width;
     this.height = height;
     this.layers = layers;
+    this._comp = { preview: null, full: null };
+    this._outlineRaster = null;
     this.cells = [];
     this.byId.clear();
     this.paths.clear();
@@ -111,13 +116,90 @@ export class FieldView {
       this.byId.set(cell.id, entry);
     }
     this.stats.drawnCells = this.cells.filter((e) => e.segments.length > 0).length;
+    this._outlineRaster = null;
     this.requestDraw();
+    // composite the full resolution once the first frame is up, so the first zoom does not wait for it
+    setTimeout(() => this.layers.length && this._composite("full"), 250);
   }
 
   setChannel(k, visible, gain) {
     this.visible[k] = visible;
     this.gain[k] = gain;
     this.requestDraw();
+  }
+
+  _compKey() {
+    return this.visible.map((v, k) => (v ? this.gain[k] : 0)).join(",");
+  }
+
+  /** Add the visible layers (with their gains) of one resolution into a 2-D context, 'lighter' blending. */
+  _drawLayers(ctx, level, sx, sy, sw, sh, dx, dy, dw, dh) {
+    ctx.globalCompositeOperation = "lighter";
+    this.layers.forEach((layer, k) => {
+      if (!this.visible[k]) return;
+      let g = this.gain[k];
+      while (g > 0) {
+        ctx.globalAlpha = Math.min(1, g);
+        ctx.drawImage(layer[level], sx, sy, sw, sh, dx, dy, dw, dh);
+        g -= 1;
+      }
+    });
+    ctx.globalAlpha = 1;
+    ctx.globalCompositeOperation = "source-over";
+  }
+
+  /**
+   * The channels composited at one resolution for the current toggles and gains, or null while the
+   * full-resolution one is being rebuilt (a brightness drag rebuilds it once the slider rests).
+   */
+  _composite(level) {
+    const key = this._compKey();
+    const cached = this._comp[level];
+    if (cached && cached.key === key) return cached.canvas;
+    if (level === "full" && cached) {
+      clearTimeout(this._compTimer);
+      this._compTimer = setTimeout(() => {
+        this._buildComposite("full");
+        this.requestDraw();
+      }, 150);
+      return null;
+    }
+    return this._buildComposite(level);
+  }
+
+  _buildComposite(level) {
+    const src = this.layers[0][level];
+    const canvas = this._comp[level] ? this._comp[level].canvas : makeCanvas(src.width, src.height);
+    const ctx = canvas.getContext("2d");
+    ctx.globalCompositeOperation = "source-over";
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    this._drawLayers(ctx, level, 0, 0, src.width, src.height, 0, 0, src.width, src.height);
+    this._comp[level] = { canvas, key: this._compKey() };
+    return canvas;
+  }
+
+  /** Every outline stroked once at preview resolution: one image to draw when zoomed out. */
+  _outlines(lineWidth) {
+    const pw = this.layers[0].preview.width;
+    const ph = this.layers[0].preview.height;
+    const key = `${lineWidth}`;
+    if (this._outlineRaster && this._outlineRaster.key === key) return this._outlineRaster.canvas;
+    const canvas = makeCanvas(pw, ph);
+    const ctx = canvas.getContext("2d");
+    const f = pw / this.width;
+    ctx.setTransform(f, 0, 0, f, 0, 0);
+    ctx.lineCap = "square";
+    ctx.strokeStyle = "rgba(0,0,0,0.65)";
+    ctx.lineWidth = (lineWidth * 2.2) / f;
+    for (const path of this.paths.values()) ctx.stroke(path);
+    ctx.lineWidth = lineWidth / f;
+    for (const [colour, path] of this.paths) {
+      ctx.strokeStyle = colour;
+      ctx.stroke(path);
+    }
+    this._outlineRaster = { canvas, key };
+    return canvas;
   }
 
   setHighlight(ids, colour = "#ffffff") {
@@ -284,24 +366,18 @@ export class FieldView {
     if (x1 <= x0 || y1 <= y0) return;
     ctx.save();
     ctx.setTransform(scale, 0, 0, scale, ox, oy);
-    const usePreview = !o.full && this.layers.length && scale * 1.25 < this.layers[0].preview.width / this.width;
-    this.stats.source = usePreview ? "preview" : "full";
+    const previewF = this.layers.length ? this.layers[0].preview.width / this.width : 1;
+    const usePreview = !o.full && this.layers.length && scale <= previewF * 1.01;
+    const level = usePreview ? "preview" : "full";
     ctx.imageSmoothingEnabled = scale < 2;
     ctx.imageSmoothingQuality = "medium";
-    ctx.globalCompositeOperation = "lighter";
-    this.layers.forEach((layer, k) => {
-      if (!this.visible[k] || this.gain[k] <= 0) return;
-      const src = usePreview ? layer.preview : layer.full;
-      const f = src.width / this.width;
-      let g = this.gain[k];
-      while (g > 0) {
-        ctx.globalAlpha = Math.min(1, g);
-        ctx.drawImage(src, x0 * f, y0 * f, (x1 - x0) * f, (y1 - y0) * f, x0, y0, x1 - x0, y1 - y0);
-        g -= 1;
-      }
-    });
-    ctx.globalAlpha = 1;
-    ctx.globalCompositeOperation = "source-over";
+    if (this.layers.length) {
+      const f = usePreview ? previewF : 1;
+      const comp = this._composite(level);
+      this.stats.source = comp ? `${level} composite` : `${level} layers`;
+      if (comp) ctx.drawImage(comp, x0 * f, y0 * f, (x1 - x0) * f, (y1 - y0) * f, x0, y0, x1 - x0, y1 - y0);
+      else this._drawLayers(ctx, level, x0 * f, y0 * f, (x1 - x0) * f, (y1 - y0) * f, x0, y0, x1 - x0, y1 - y0);
+    }
     if (this.highlight.size) {
       ctx.imageSmoothingEnabled = false;
       ctx.globalAlpha = 0.33;
@@ -315,13 +391,19 @@ export class FieldView {
     }
     if (this.showOutlines) {
       ctx.lineCap = "square";
-      ctx.strokeStyle = "rgba(0,0,0,0.65)";
-      ctx.lineWidth = (o.lineWidth * 2.2) / scale;
-      for (const path of this.paths.values()) ctx.stroke(path);
-      ctx.lineWidth = o.lineWidth / scale;
-      for (const [colour, path] of this.paths) {
-        ctx.strokeStyle = colour;
-        ctx.stroke(path);
+      if (usePreview) {
+        ctx.imageSmoothingEnabled = true;
+        const raster = this._outlines(o.lineWidth);
+        ctx.drawImage(raster, 0, 0, raster.width, raster.height, 0, 0, this.width, this.height);
+      } else {
+        ctx.strokeStyle = "rgba(0,0,0,0.65)";
+        ctx.lineWidth = (o.lineWidth * 2.2) / scale;
+        for (const path of this.paths.values()) ctx.stroke(path);
+        ctx.lineWidth = o.lineWidth / scale;
+        for (const [colour, path] of this.paths) {
+          ctx.strokeStyle = colour;
+          ctx.stroke(path);
+        }
       }
       for (const [id, colour] of [
         [this.hovered, "rgba(255,255,255,0.7)"],
@@ -423,22 +505,13 @@ export class FieldView {
     const ctx = win.getContext("2d", { willReadFrequently: true });
     ctx.fillStyle = "#000";
     ctx.fillRect(0, 0, side, side);
-    ctx.globalCompositeOperation = "lighter";
     const sx0 = Math.max(0, wc0);
     const sy0 = Math.max(0, wr0);
     const sx1 = Math.min(this.width, wc0 + side);
     const sy1 = Math.min(this.height, wr0 + side);
-    this.layers.forEach((layer, k) => {
-      if (!this.visible[k] || sx1 <= sx0 || sy1 <= sy0) return;
-      let g = this.gain[k];
-      while (g > 0) {
-        ctx.globalAlpha = Math.min(1, g);
-        ctx.drawImage(layer.full, sx0, sy0, sx1 - sx0, sy1 - sy0, sx0 - wc0, sy0 - wr0, sx1 - sx0, sy1 - sy0);
-        g -= 1;
-      }
-    });
-    ctx.globalAlpha = 1;
-    ctx.globalCompositeOperation = "source-over";
+    if (sx1 > sx0 && sy1 > sy0) {
+      this._drawLayers(ctx, "full", sx0, sy0, sx1 - sx0, sy1 - sy0, sx0 - wc0, sy0 - wr0, sx1 - sx0, sy1 - sy0);
+    }
     if (rule.mask_other_cells && sx1 > sx0 && sy1 > sy0) {
       const img = ctx.getImageData(0, 0, side, side);
       const px = new Uint32Array(img.data.buffer);
