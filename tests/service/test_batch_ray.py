@@ -213,6 +213,19 @@ def test_cell_table_writer_drops_rows_of_fields_not_in_the_csv(tmp_path: Path) -
     assert list(folder.glob("*.parquet")) == []
 
 
+def test_without_ray_the_cli_says_which_extra(tmp_path: Path) -> None:
+    """Ray is optional: ``--engine ray`` without it exits 2 with the install command and writes nothing."""
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # what an install without the [ray] extra looks like
+        "from locus.cli import main\n"
+        f"sys.exit(main(['predict', {str(tmp_path)!r}, '--out', {str(tmp_path / 'x.csv')!r}, '--engine', 'ray']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'locus[ray]'" in proc.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
 def test_plan_actors() -> None:
     assert plan_actors({"CPU": 2.0}) == (2, 1.0, 0.0)
     assert plan_actors({"CPU": 16.0}, cpus_per_actor=4) == (4, 4.0, 0.0)
