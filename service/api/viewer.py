@@ -80,6 +80,9 @@ class ExampleField(BaseModel):
 
 _EXAMPLE_ERRORS = {k: ERROR_RESPONSES[k] for k in (401,)}
 
+#: The example files by name (the path parameter's allowed values, so the schema says what exists).
+ExampleFile = Literal[tuple(sorted({f for e in web.examples() for f in e["files"].values()}))]
+
 
 @router.get(
     "/examples",
@@ -99,16 +102,13 @@ async def list_examples() -> list[ExampleField]:
     dependencies=[Depends(require_api_key)],
     responses={
         200: {"content": {"image/jpeg": {}}, "description": "The channel file"},
-        404: {**ERROR_RESPONSES[422], "description": "No example file of that name"},
+        422: {**ERROR_RESPONSES[422], "description": "No example file of that name"},
         **_EXAMPLE_ERRORS,
     },
     summary="One channel file of a bundled example field",
 )
-async def example_file(name: str) -> Response:
+async def example_file(name: ExampleFile) -> Response:  # type: ignore[valid-type]
     """One channel file named in ``GET /examples``."""
-    known = {f for e in web.examples() for f in e["files"].values()}
-    if name not in known:
-        raise _not_found(f"no example file named {name!r}; GET /examples lists them")
     return Response((web.EXAMPLES_DIR / name).read_bytes(), media_type="image/jpeg")
 
 
