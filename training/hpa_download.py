@@ -892,30 +892,40 @@ def download(
             for _ in range(2 * workers):
                 if not submit_next():
                     break
-            while in_flight:
-                finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    row = in_flight.pop(fut)
-                    try:
-                        outcome = fut.result()
-                    except Exception as exc:  # an unexpected error fails this field only
-                        logger.exception("%s: unexpected error", row.id)
-                        outcome = _FieldOutcome(row.id, "failed", reason=f"{type(exc).__name__}: {exc}")
-                    if outcome.status == "skipped":
-                        report.skipped += 1
-                    elif outcome.status == "downloaded":
-                        report.downloaded += 1
-                        channels.update(outcome.sources.values())
-                        done_since_flush += 1
-                    else:
-                        report.failed.append(
-                            {"id": row.id, "image": row.prefix, "channel": outcome.channel, "reason": outcome.reason}
-                        )
-                    bar.update()
-                    submit_next()
-                if done_since_flush >= flush_every:
-                    _write_train_csv(out, rows)
-                    done_since_flush = 0
+            try:
+                while in_flight:
+                    finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        row = in_flight.pop(fut)
+                        try:
+                            outcome = fut.result()
+                        except Exception as exc:  # an unexpected error fails this field only
+                            logger.exception("%s: unexpected error", row.id)
+                            outcome = _FieldOutcome(row.id, "failed", reason=f"{type(exc).__name__}: {exc}")
+                        if outcome.status == "skipped":
+                            report.skipped += 1
+                        elif outcome.status == "downloaded":
+                            report.downloaded += 1
+                            channels.update(outcome.sources.values())
+                            done_since_flush += 1
+                        else:
+                            report.failed.append(
+                                {
+                                    "id": row.id,
+                                    "image": row.prefix,
+                                    "channel": outcome.channel,
+                                    "reason": outcome.reason,
+                                }
+                            )
+                        bar.update()
+                        submit_next()
+                    if done_since_flush >= flush_every:
+                        _write_train_csv(out, rows)
+                        done_since_flush = 0
+            except BaseException:  # Ctrl-C or a bug: queued fields are not started, running ones finish
+                for fut in in_flight:
+                    fut.cancel()
+                raise
     finally:
         bar.close()
         _write_train_csv(out, rows)
@@ -977,7 +987,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=4, help="retries on 5xx, timeouts and resets (default 4)")
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds, doubled each time")
     parser.add_argument("--dry-run", action="store_true", help="print what would be fetched and stop")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any field failed")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 when any field failed (else only when all did)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -1034,4 +1046,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {f['id']} [{f['channel'] or '-'}]: {f['reason']}")
         if len(report.failed) > 20:
             print(f"  ... and {len(report.failed) - 20} more")
-    return 1 if (args.strict and report.failed) else 0
+    if report.failed and (args.strict or report.downloaded + report.skipped == 0):
+        return 1  # --strict, or nothing at all succeeded (a wrong --base-url, no network)
+    return 0

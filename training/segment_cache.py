@@ -293,15 +293,18 @@ def segment_folder(
     key = segmenter_key(segmenter)
     max_pixels = PipelineSettings().max_image_pixels
     by_folder: dict[Path, dict[str, dict]] = {}
+    changed: set[Path] = set()
     jobs: list[_Job] = []
     skipped = 0
     for ref in refs:
         folder = Path(ref.paths["red"]).parent
         if folder not in by_folder:
             meta = _read_meta(folder)
-            by_folder[folder] = dict(meta["fields"]) if meta and meta.get("segmenter") == key else {}
-        stored = by_folder[folder]
-        entry = stored.get(ref.id)
+            same = meta is not None and meta.get("segmenter") == key
+            by_folder[folder] = dict(meta["fields"]) if same else {}
+            if meta is not None and not same:
+                changed.add(folder)  # another backend's labels: forget them
+        entry = by_folder[folder].get(ref.id)
         current = (
             entry is not None
             and entry.get("sources") == _sources(ref.paths)
@@ -309,13 +312,14 @@ def segment_folder(
         )
         if current and not overwrite:
             skipped += 1
-            continue
-        stored.pop(ref.id, None)
-        jobs.append(_Job(ref.id, dict(ref.paths), segmenter, max_pixels))
-    if limit is not None:
-        jobs = jobs[:limit]
-    for folder, fields in by_folder.items():  # drop entries of other backends / stale fields before work starts
-        _write_meta(folder, key, fields)
+        elif limit is None or len(jobs) < limit:
+            jobs.append(_Job(ref.id, dict(ref.paths), segmenter, max_pixels))
+    for job in jobs:  # their stored labels are stale or about to be replaced
+        folder = Path(job.paths["red"]).parent
+        if by_folder[folder].pop(job.id, None) is not None:
+            changed.add(folder)
+    for folder in changed:
+        _write_meta(folder, key, by_folder[folder])
 
     failed: dict[str, str] = {}
     cells = 0
@@ -333,6 +337,7 @@ def segment_folder(
             failed[ident] = error
         else:
             by_folder[folder][ident] = entry
+            changed.add(folder)
             cells += entry["cells"]
             work_seconds += seconds
             done += 1
@@ -350,8 +355,8 @@ def segment_folder(
                     collect(job, result)
     finally:
         bar.close()
-        for folder, fields in by_folder.items():
-            _write_meta(folder, key, fields)
+        for folder in changed:
+            _write_meta(folder, key, by_folder[folder])
     return {
         "fields": len(refs),
         "segmented": done,

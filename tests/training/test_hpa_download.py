@@ -277,6 +277,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         try:
+            if fault == "stall":  # half the body, then nothing for a long time
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                time.sleep(30)
+                return
             if fault in ("truncate", "always-truncate"):
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
@@ -579,3 +584,47 @@ def test_real_hpa_website_jpegs_convert(sample_dir):
         served = decode_channel(data, field=color)  # the service: max over the colour planes
         assert own.shape == served.shape == (1728, 1728) and np.all(own <= served)
         assert np.abs(served.astype(int) - own).mean() < 0.1  # they differ only by JPEG colour noise
+
+
+def test_killed_run_leaves_no_partial_file_and_resumes(server, dataset, tmp_path):
+    """SIGKILL while a body is half received: every PNG on disk is whole, the next run completes the set."""
+    import signal
+    import subprocess
+    import sys
+
+    index, _, expected, _, fid = dataset
+    out = tmp_path / "killed"
+    stalled = f"{_prefix('slow')}_green.jpg"
+    server.faults[stalled] = ["stall"]
+    n_before = len(server.log)
+    argv = [sys.executable, "-m", "locus.cli", "hpa-download", str(index), "--out", str(out), "--base-url", server.url]
+    argv += ["--workers", "2", "--timeout", "20", "--backoff", "0.01", "--quiet"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while stalled not in server.log[n_before:] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stalled in server.log[n_before:], "the download never reached the stalled file"
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    for png in out.glob("*.png"):  # whatever was written is complete
+        assert cv2.imread(str(png), cv2.IMREAD_UNCHANGED) is not None, png.name
+    assert not (out / f"{fid['slow']}_green.png").exists()
+    report = _cli(index, out, server)
+    assert report["downloaded"] + report["skipped"] == len(GOOD)
+    for name in GOOD:
+        for color in CHANNELS:
+            png = cv2.imread(str(out / f"{fid[name]}_{color}.png"), cv2.IMREAD_UNCHANGED)
+            assert np.array_equal(png, expected[fid[name]][color]), (name, color)
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_exit_status_when_nothing_succeeds(dataset, tmp_path, capsys):
+    index, *_ = dataset
+    argv = ["hpa-download", str(index), "--out", str(tmp_path / "x"), "--base-url", "http://127.0.0.1:9"]
+    assert main([*argv, "--limit", "1", "--retries", "0", "--quiet"]) == 1  # port 9: connection refused
+    assert "connection failed" in capsys.readouterr().out
+    assert main([*argv, "--dry-run", "--kaggle-cell-lines"]) == 0
+    assert "to fetch: 8 fields" in capsys.readouterr().out

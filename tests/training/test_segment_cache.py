@@ -78,8 +78,10 @@ def test_locus_segment_writes_the_segmenters_labels_and_resumes(data, capsys):
         load_truth(data, ref.id)
 
     # a second run does nothing; a changed channel file is segmented again
+    meta_mtime = (data / SEGMENTS_DIR / SEGMENTS_FILE).stat().st_mtime_ns
     again = segment_folder(data, progress=False)
     assert (again["segmented"], again["skipped"]) == (0, 3)
+    assert (data / SEGMENTS_DIR / SEGMENTS_FILE).stat().st_mtime_ns == meta_mtime  # nothing to do: nothing written
     ref = find_fields(data)[0]
     st = os.stat(ref.paths["green"])
     os.utime(ref.paths["green"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
