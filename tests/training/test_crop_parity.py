@@ -102,6 +102,7 @@ def test_uint8_cache_rounds_within_half_a_level_and_reloads(sim_dir, tmp_path):
 
 
 def test_split_by_image_keeps_fields_whole(sim_dir, tmp_path):
+    pytest.importorskip("iterstrat", reason="the multilabel-stratified split comes with the [train] extra")
     crops = build_crops(_config(sim_dir, tmp_path, max_cells_per_field=5), progress=False)
     assert max(np.unique(crops.fields, return_counts=True)[1]) <= 5
     tr, va = split_by_image(crops, 0.25, seed=0)
