@@ -87,6 +87,16 @@ class TrainConfig(BaseModel):
     patience: int = Field(default=5, ge=1, description="Early stopping patience (epochs without val loss gain)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     jit_compile: bool = Field(default=False, description="XLA-compile the train step (slow start on CPU)")
+    mixed_precision: bool = Field(
+        default=False,
+        description="Compute in float16 with float32 weights (Keras mixed_float16; a GPU with tensor cores); "
+        "the exported model is rebuilt in float32",
+    )
+    distribute: Literal["none", "mirrored"] = Field(
+        default="none",
+        description="mirrored: tf.distribute.MirroredStrategy over every visible GPU (batch_size is the global "
+        "batch, split across replicas; scale it and the learning rate with the number of GPUs)",
+    )
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="Cap steps per epoch (quick runs)")
 
     # output

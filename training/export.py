@@ -483,6 +483,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"locus export: {exc}\n")
         return 2
     model = keras.models.load_model(ckpt, compile=False)
+    if config.mixed_precision:
+        from locus.training.train import _float32_model
+
+        model = _float32_model(model, config)  # the folder's contract is float32 throughout
     size = int(model.input_shape[1])
     if not cfg_path.is_file():
         sys.stderr.write(f"locus export: no config at {cfg_path}; using defaults with input_size {size}\n")

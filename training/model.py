@@ -132,7 +132,8 @@ def build_model(
         backbone = build_backbone(key, input_size, 4, input_tensor=inputs)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
     x = keras.layers.Dropout(dropout, name="top_dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="sigmoid", name="probabilities")(x)
+    # float32 head: under a mixed_float16 policy the network computes in float16, the probabilities stay float32
+    outputs = keras.layers.Dense(num_classes, activation="sigmoid", name="probabilities", dtype="float32")(x)
     model = keras.Model(inputs, outputs, name=f"locus_efficientnet_{key}")
     if imagenet_weights is not None:
         load_imagenet_stem(model, imagenet_weights, arch=key)

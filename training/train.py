@@ -118,6 +118,37 @@ def _throughput_callback(samples_per_epoch: int):
     return Throughput()
 
 
+def _strategy(config: TrainConfig):
+    """The distribution strategy of the run: MirroredStrategy over the visible GPUs, or the default (one device)."""
+    import tensorflow as tf
+
+    if config.distribute == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _float32_model(model, config: TrainConfig):
+    """The trained model in float32 (rebuilt and given the trained weights when it was trained in mixed precision).
+
+    The model folder's contract is float32 in and out, and the ONNX export and gradient model are float32; under
+    ``mixed_float16`` the variables are float32 already, so the weights carry over exactly.
+    """
+    import keras
+
+    from locus.training.model import build_model
+
+    if not config.mixed_precision:
+        return model
+    policy_before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        f32 = build_model(config.architecture, config.input_size, NUM_CLASSES, None, config.dropout)
+    finally:
+        keras.config.set_dtype_policy(policy_before)
+    f32.set_weights(model.get_weights())
+    return f32
+
+
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     """Train, tune thresholds, plot and (optionally) export.
 
@@ -157,21 +188,33 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         )
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.architecture, config.input_size, NUM_CLASSES, config.imagenet_weights, config.dropout)
+    policy_before = keras.config.dtype_policy()
+    if config.mixed_precision:
+        keras.config.set_dtype_policy("mixed_float16")  # Keras wraps the optimizer in a LossScaleOptimizer
+    strategy = _strategy(config)
     steps = math.ceil(len(tr_idx) / config.batch_size)
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)
     lr = _learning_rate(config, steps)
-    if config.weight_decay > 0:
-        opt = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
-    else:
-        opt = keras.optimizers.Adam(lr)
-    model.compile(
-        optimizer=opt,
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.AUC(curve="PR", multi_label=True, num_labels=NUM_CLASSES, name="pr_auc")],
-        jit_compile=config.jit_compile,
-    )
+    try:
+        with strategy.scope():
+            model = build_model(
+                config.architecture, config.input_size, NUM_CLASSES, config.imagenet_weights, config.dropout
+            )
+            if config.weight_decay > 0:
+                opt = keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+            else:
+                opt = keras.optimizers.Adam(lr)
+            model.compile(
+                optimizer=opt,
+                loss=keras.losses.BinaryCrossentropy(),
+                metrics=[keras.metrics.AUC(curve="PR", multi_label=True, num_labels=NUM_CLASSES, name="pr_auc")],
+                jit_compile=config.jit_compile,
+            )
+    finally:
+        keras.config.set_dtype_policy(policy_before)
+    if progress and strategy.num_replicas_in_sync > 1:
+        print(f"distribute: {strategy.num_replicas_in_sync} replicas, global batch {config.batch_size}", flush=True)
     train_ds = make_tf_dataset(
         crops.images, crops.labels, tr_idx, config.batch_size, training=True, augment=config.augment, seed=config.seed
     )
@@ -260,7 +303,13 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
         result.model_dir = run_dir / "model"
         result.manifest = export_model_folder(
-            model, result.model_dir, config, thresholds, summary, parity.astype(np.float32), with_grad=config.with_grad
+            _float32_model(model, config),
+            result.model_dir,
+            config,
+            thresholds,
+            summary,
+            parity.astype(np.float32),
+            with_grad=config.with_grad,
         )
         if config.plots:
             import shutil

@@ -121,6 +121,9 @@ def trained(tmp_path_factory):
         with_grad=False,
         workers=1,
         verbose=0,
+        # the real-data recipe's switches, on one CPU device: float16 compute, a MirroredStrategy of one replica
+        mixed_precision=True,
+        distribute="mirrored",
     )
     return config, train(config, progress=False)
 
@@ -162,7 +165,12 @@ def test_model_folder_validates_and_serves(trained):
     assert [i.name for i in sess.get_inputs()] == ["image"]
     assert [o.name for o in sess.get_outputs()] == ["probabilities"]
     parity = np.load(Path(config.out) / "parity_batch.npy").astype(np.float32)
-    keras_p = np.asarray(result.model(parity, training=False))
+    from locus.training.train import _float32_model
+
+    # trained in mixed precision: the folder holds the float32 rebuild with the trained weights
+    assert result.model.layers[-1].dtype_policy.name == "float32"  # the float32 head
+    keras_p = np.asarray(_float32_model(result.model, config)(parity, training=False))
+    assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
     for n in (1, 5, len(parity)):
         p = sess.run(["probabilities"], {"image": parity[:n]})[0]
         assert p.shape == (n, 19) and p.dtype == np.float32
