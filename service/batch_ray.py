@@ -710,15 +710,27 @@ def _blocks(n: int, cap: int = 10_000) -> int:
     return max(1, n if n <= cap else math.ceil(n / math.ceil(n / cap)))
 
 
+WORKER_RETRIES = 2
+"""Times a field is retried on a restarted actor when its worker process dies (out of memory, a crash)."""
+
+
 def _iter_results(
-    ray: Any, rows: list[dict[str, str]], predictor_kwargs: dict, actors: int, cpus: float, gpus: float, batch_size: int
+    ray: Any,
+    rows: list[dict[str, str]],
+    predictor: type,
+    predictor_kwargs: dict,
+    actors: int,
+    cpus: float,
+    gpus: float,
+    batch_size: int,
 ) -> Iterator[dict[str, Any]]:
     ds = ray.data.from_items(rows, override_num_blocks=_blocks(len(rows)))
-    remote_args: dict[str, Any] = {"num_cpus": cpus}
+    # Ray retries an actor task forever by default: a field that kills its worker would stall the job.
+    remote_args: dict[str, Any] = {"num_cpus": cpus, "max_task_retries": WORKER_RETRIES}
     if gpus > 0:
         remote_args["num_gpus"] = gpus
     mapped = ds.map_batches(
-        FieldPredictor,
+        predictor,
         fn_constructor_kwargs=predictor_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
@@ -750,6 +762,7 @@ def predict_ray(
     flush_every: int = 16,
     flush_seconds: float = 30.0,
     settings: PipelineSettings | None = None,
+    predictor: type = FieldPredictor,
 ) -> dict[str, Any]:
     """Classify every field of a folder or list on Ray Data and write the CSV, cell table and errors.
 
@@ -790,6 +803,8 @@ def predict_ray(
         Write results after this many fields or seconds, whichever first.
     settings : PipelineSettings, optional
         Default: read from the ``LOCUS_*`` environment of the driver; sent to every actor.
+    predictor : type
+        The map class, :class:`FieldPredictor` or a subclass of it.
 
     Returns
     -------
@@ -863,7 +878,13 @@ def predict_ray(
             try:
                 n_actors, cpus, gpus = plan_actors(ray.cluster_resources(), actors, cpus_per_actor, gpus_per_actor)
                 stats["actors"] = n_actors
-                ray.data.DataContext.get_current().enable_progress_bars = False
+                context = ray.data.DataContext.get_current()
+                saved_context = (context.enable_progress_bars, context.max_errored_blocks)
+                # Ray Data's bars are replaced by one per field; a field whose worker died after the retries
+                # fails alone (it becomes an error row below) instead of the whole job.
+                context.enable_progress_bars = False
+                context.max_errored_blocks = -1
+                seen: set[str] = set()
                 predictor_kwargs = {
                     "settings": settings.model_dump(mode="json"),
                     "model_dir": str(Path(model_dir).resolve()) if model_dir is not None else None,
@@ -889,7 +910,9 @@ def predict_ray(
                 bar = tqdm(total=len(todo), desc="predict (ray)", unit="field", disable=not progress)
                 t1 = time.perf_counter()
                 try:
-                    for rec in _iter_results(ray, todo, predictor_kwargs, n_actors, cpus, gpus, batch_size):
+                    results = _iter_results(ray, todo, predictor, predictor_kwargs, n_actors, cpus, gpus, batch_size)
+                    for rec in results:
+                        seen.add(rec["id"])
                         ready = rec["actor_ready"]
                         first_ready = ready if first_ready is None else min(first_ready, ready)
                         last_end = max(last_end, rec["t_end"])
@@ -912,9 +935,17 @@ def predict_ray(
                         if len(pending_rows) >= flush_every or time.perf_counter() - last_flush >= flush_seconds:
                             flush()
                             last_flush = time.perf_counter()
+                    for row in todo:
+                        if row["id"] not in seen:
+                            reason = (
+                                "its Ray worker died while classifying it (out of memory or a crash; see the Ray logs)"
+                            )
+                            errors.write(row["id"], "worker", reason)
+                            bar.update(1)
                 finally:
                     flush()
                     bar.close()
+                    context.enable_progress_bars, context.max_errored_blocks = saved_context
                 stats["run_s"] = time.perf_counter() - t1
                 if first_ready is not None:
                     stats["ready_s"] = max(0.0, first_ready - t_job)

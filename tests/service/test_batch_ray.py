@@ -10,6 +10,7 @@ fields plus a corrupt field and a field lacking a channel. Ray and pyarrow come 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -27,9 +28,11 @@ from locus.training.sim.generator import SimConfig, write_dataset
 pa = pytest.importorskip("pyarrow", reason="pyarrow is absent: pip install 'locus[ray]'")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is absent: pip install 'locus[ray]'")
 
-from locus.service.batch_ray import (  # noqa: E402 - after the skip
+from locus.service import batch_ray  # noqa: E402 - after the skip
+from locus.service.batch_ray import (  # noqa: E402
     CellTableWriter,
     FieldError,
+    FieldPredictor,
     classify_field,
     list_fields,
     output_paths,
@@ -295,3 +298,31 @@ def test_cli_resumes_from_a_field_list_on_a_running_cluster(
     # every field done: nothing is classified and no actor starts
     again = predict_ray(good_folder, out, model_dir=test_model_dir, progress=False)
     assert (again["skipped"], again["done"], again["actors"], again["errors"]) == (3, 0, 0, 0)
+
+
+class CrashingPredictor(FieldPredictor):
+    """The real map class, except that its worker process dies on the field ``crash`` (as under the OOM killer)."""
+
+    def __call__(self, batch):  # noqa: D102
+        if "crash" in [str(i) for i in batch["id"]]:
+            os._exit(1)
+        return super().__call__(batch)
+
+
+@pytest.mark.slow
+def test_a_field_that_kills_its_worker_is_an_error_row_and_the_job_goes_on(
+    local_ray, good_folder: Path, reference_csv: Path, test_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(batch_ray, "WORKER_RETRIES", 0)  # the default retries twice on a restarted actor
+    listing = tmp_path / "fields.csv"
+    listing.write_text(
+        f"ID,prefix\nsim_00000,{good_folder / 'sim_00000'}\ncrash,{good_folder / 'sim_00001'}\n"
+        f"sim_00002,{good_folder / 'sim_00002'}\n"
+    )
+    out = tmp_path / "sub.csv"
+    stats = predict_ray(listing, out, model_dir=test_model_dir, actors=1, progress=False, predictor=CrashingPredictor)
+    assert stats["done"] == 2 and stats["errors"] == 1
+    reference = read_submission(reference_csv)
+    assert read_submission(out) == {k: reference[k] for k in ("sim_00000", "sim_00002")}
+    stage, reason = _errors(tmp_path / "sub.errors.csv")["crash"]
+    assert stage == "worker" and "died" in reason
