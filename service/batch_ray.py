@@ -902,8 +902,7 @@ def predict_ray(
 
                 def flush() -> None:
                     cell_writer.write(pending_cells)
-                    for r in pending_rows:
-                        writer.write(r)
+                    writer.write_many(pending_rows)  # one fsync per group, not per row
                     pending_rows.clear()
                     pending_cells.clear()
 

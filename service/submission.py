@@ -217,6 +217,29 @@ class SubmissionWriter:
         self._flush()
         self.done.add(row.id)
 
+    def write_many(self, rows: list[SubmissionRow]) -> None:
+        """Append several rows with one flush and fsync (a batch driver writing many small rows).
+
+        Parameters
+        ----------
+        rows : list of SubmissionRow
+            None of their IDs may be written yet, nor repeated.
+
+        Raises
+        ------
+        ValueError
+            If an ID is already in the file or repeated in ``rows``; nothing is written then.
+        """
+        ids = [r.id for r in rows]
+        clash = [i for i in ids if i in self.done] or [i for i in set(ids) if ids.count(i) > 1]
+        if clash:
+            raise ValueError(f"ID {clash[0]!r} is already in {self.path} or repeated")
+        if not rows:
+            return
+        self._fh.write("".join(_row_line(r) for r in rows))
+        self._flush()
+        self.done.update(ids)
+
     def close(self) -> None:
         """Close the file."""
         if not self._fh.closed:

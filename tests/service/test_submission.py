@@ -68,3 +68,14 @@ def test_writer_resumes_and_repairs_partial_line(tmp_path):
     with SubmissionWriter(path, resume=False) as w:
         assert w.done == set()
     assert read_submission(path) == {}
+
+
+def test_write_many_appends_in_one_go_and_refuses_repeats(tmp_path):
+    from locus.service.submission import SubmissionRow, SubmissionWriter, read_submission
+
+    out = tmp_path / "s.csv"
+    with SubmissionWriter(out) as w:
+        w.write_many([SubmissionRow("a", 4, 4, []), SubmissionRow("b", 4, 4, [])])
+        with pytest.raises(ValueError):
+            w.write_many([SubmissionRow("c", 4, 4, []), SubmissionRow("a", 4, 4, [])])
+    assert set(read_submission(out)) == {"a", "b"}
