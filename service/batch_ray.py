@@ -734,7 +734,9 @@ def _iter_results(
         fn_constructor_kwargs=predictor_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # one field in flight per actor: a field that kills its worker takes no queued neighbour with it (the
+        # rows are paths, so queueing more would overlap nothing worth having)
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         **remote_args,
     )
     for batch in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -220,25 +220,32 @@ class SubmissionWriter:
     def write_many(self, rows: list[SubmissionRow]) -> None:
         """Append several rows with one flush and fsync (a batch driver writing many small rows).
 
+        Behaves as :meth:`write` called row by row: the rows before a repeated ID are written,
+        then ``ValueError`` is raised.
+
         Parameters
         ----------
         rows : list of SubmissionRow
-            None of their IDs may be written yet, nor repeated.
+            Rows whose IDs are not written yet.
 
         Raises
         ------
         ValueError
-            If an ID is already in the file or repeated in ``rows``; nothing is written then.
+            If an ID is already in the file (or earlier in ``rows``).
         """
-        ids = [r.id for r in rows]
-        clash = [i for i in ids if i in self.done] or [i for i in set(ids) if ids.count(i) > 1]
-        if clash:
-            raise ValueError(f"ID {clash[0]!r} is already in {self.path} or repeated")
-        if not rows:
-            return
-        self._fh.write("".join(_row_line(r) for r in rows))
-        self._flush()
-        self.done.update(ids)
+        lines: list[str] = []
+        clash = None
+        for r in rows:
+            if r.id in self.done:
+                clash = r.id
+                break
+            lines.append(_row_line(r))
+            self.done.add(r.id)
+        if lines:
+            self._fh.write("".join(lines))
+            self._flush()
+        if clash is not None:
+            raise ValueError(f"ID {clash!r} is already in {self.path}")
 
     def close(self) -> None:
         """Close the file."""
