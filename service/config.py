@@ -119,6 +119,11 @@ class PipelineSettings(BaseSettings):
     )
     hpa_nuclei_model: Path | None = Field(None, description="ONNX file of the HPA nuclei network (hpa backend)")
     hpa_cell_model: Path | None = Field(None, description="ONNX file of the HPA cell network (hpa backend)")
+    hpa_compat: bool = Field(
+        False,
+        description="hpa backend: reproduce HPA's official post-processing, defects included "
+        "(touching nuclei can merge); default: the defects fixed",
+    )
 
     # ONNX Runtime
     providers: Annotated[list[str], NoDecode] = Field(
@@ -186,4 +191,5 @@ class PipelineSettings(BaseSettings):
             "providers": self.providers,
             "intra_op_threads": self.resolved_threads(),
             "require_gpu": self.require_gpu,
+            "hpa_compat": self.hpa_compat,
         }

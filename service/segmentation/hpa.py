@@ -19,7 +19,10 @@ Per field:
    :class:`~locus.service.batcher.DynamicBatcher` per network and input shape.
 3. The padding is cropped off and :func:`~locus.service.segmentation.hpa_postprocess.label_cell`
    labels nuclei and cells at the reduced scale (HPA's thresholds scaled by
-   area); the labels are brought back to full size (nearest neighbour).
+   area); the labels are brought back to full size (nearest neighbour). With
+   ``hpa_compat`` (constructor option, or per call) it reproduces HPA's official
+   post-processing, defects included; by default the defects are fixed (see
+   :mod:`locus.service.segmentation.hpa_postprocess`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -249,6 +253,9 @@ class HpaSegmenter:
         How long a network batch waits for fields of other requests.
     postprocess : HpaPostprocessConfig, optional
         Post-processing thresholds (full-resolution pixels).
+    hpa_compat : bool, optional
+        Reproduce HPA's official post-processing (defects included) instead of the
+        default mode; overrides ``postprocess.hpa_compat`` when given.
 
     Raises
     ------
@@ -276,6 +283,7 @@ class HpaSegmenter:
         max_batch: int = 4,
         max_wait_ms: float = 2.0,
         postprocess: HpaPostprocessConfig | None = None,
+        hpa_compat: bool | None = None,
     ) -> None:
         nuclei_model = Path(nuclei_model) if nuclei_model not in (None, "") else None
         cell_model = Path(cell_model) if cell_model not in (None, "") else None
@@ -291,6 +299,8 @@ class HpaSegmenter:
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_ms) / 1e3
         self.postprocess = postprocess or HpaPostprocessConfig()
+        if hpa_compat is not None:
+            self.postprocess = replace(self.postprocess, hpa_compat=bool(hpa_compat))
         self.providers_requested = list(providers or ["CUDAExecutionProvider", "CPUExecutionProvider"])
         assert nuclei_model is not None and cell_model is not None  # checked above
         self.nuclei_net = _Network("nuclei", nuclei_model, self.providers_requested, intra_op_threads, require_gpu)
@@ -374,7 +384,7 @@ class HpaSegmenter:
         return nuc_map, cell_map
 
     def labels_from_maps(
-        self, nuclei_map: np.ndarray, cell_map: np.ndarray, shape: tuple[int, int]
+        self, nuclei_map: np.ndarray, cell_map: np.ndarray, shape: tuple[int, int], hpa_compat: bool | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Post-process reduced-scale maps and bring the labels to full size.
 
@@ -384,27 +394,36 @@ class HpaSegmenter:
             (h, w, 3) probability maps at the reduced scale.
         shape : tuple of int
             (H, W) of the full-resolution field.
+        hpa_compat : bool, optional
+            HPA's official post-processing (True) or the default mode (False) for this
+            call; None: the segmenter's setting.
 
         Returns
         -------
         cell_labels, nuclei_labels : numpy.ndarray
             (H, W) int32 each, nucleus ``k`` inside cell ``k``.
         """
-        nuclei, cells = label_cell(nuclei_map, cell_map, scale=self.scale_factor, config=self.postprocess)
-        H, W = shape
-        if cells.shape != (H, W):
-            cells = cv2.resize(cells, (W, H), interpolation=cv2.INTER_NEAREST_EXACT)
-            nuclei = cv2.resize(nuclei, (W, H), interpolation=cv2.INTER_NEAREST_EXACT)
-        return np.ascontiguousarray(cells, dtype=np.int32), np.ascontiguousarray(nuclei, dtype=np.int32)
+        nuclei, cells = label_cell(
+            nuclei_map,
+            cell_map,
+            scale=self.scale_factor,
+            config=self.postprocess,
+            hpa_compat=hpa_compat,
+            output_shape=shape,
+        )
+        return cells, nuclei
 
     # ------------------------------------------------------------------ public
-    def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def segment(self, image: np.ndarray, *, hpa_compat: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Segment one field of view; concurrent calls share network batches.
 
         Parameters
         ----------
         image : numpy.ndarray
             (H, W, 4) field in R, G, B, Y order, ``uint8`` or ``uint16``.
+        hpa_compat : bool, optional
+            HPA's official post-processing (True) or the default mode (False) for this
+            field; None: the segmenter's setting.
 
         Returns
         -------
@@ -420,15 +439,19 @@ class HpaSegmenter:
         """
         check_field(image)
         nuc_map, cell_map = self._maps_shared(image)
-        return self.labels_from_maps(nuc_map, cell_map, image.shape[:2])
+        return self.labels_from_maps(nuc_map, cell_map, image.shape[:2], hpa_compat)
 
-    def segment_many(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def segment_many(
+        self, images: list[np.ndarray], *, hpa_compat: bool | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Segment several fields, running each network once per batch of equally sized fields.
 
         Parameters
         ----------
         images : list of numpy.ndarray
             (H, W, 4) fields.
+        hpa_compat : bool, optional
+            As in :meth:`segment`.
 
         Returns
         -------
@@ -436,4 +459,4 @@ class HpaSegmenter:
             Per field, ``(cell_labels, nuclei_labels)`` as :meth:`segment` returns them.
         """
         maps = self.predict_maps(images)
-        return [self.labels_from_maps(n, c, im.shape[:2]) for (n, c), im in zip(maps, images, strict=True)]
+        return [self.labels_from_maps(n, c, im.shape[:2], hpa_compat) for (n, c), im in zip(maps, images, strict=True)]
