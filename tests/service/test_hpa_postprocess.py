@@ -3,7 +3,7 @@ and the default (defects fixed).
 
 HPA's official ``label_cell`` cannot be installed here, so the tests check the fast
 compat mode against :func:`reference_label_cell`, a slow, literal reading of the
-official procedure as published (``FACTS.md``, issue 18) written with
+official procedure as published, written with
 scikit-image and SciPy at full resolution, the way ``hpacellseg`` runs it on maps
 brought back to full size; and hand-worked tiny cases show each defect reproduced
 in compat mode and fixed in the default mode.
@@ -199,7 +199,7 @@ def sim_truth(index: int, seed: int = 3, size: int = 512, cell_scale: float = 1.
 def reference_label_cell(nuclei_map: np.ndarray, cell_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HPA's published ``label_cell`` read literally, at full resolution, on ``uint8`` maps (slow).
 
-    Written for these tests from the published description (``FACTS.md``, issue 18),
+    Written for these tests from the published description of the procedure,
     one library call per described step, with scikit-image's semantics where the
     description names a scikit-image function: seeds ``interior * (1 - (uint8 nuclei
     border + uint8 cell border) / 255 > 0.05) > 0.15`` (the uint8 sum wraps), seeds
