@@ -85,6 +85,22 @@ def peak_memory_mb(*, running: int, queued: int, pixels: int, request_bytes: int
     return running * per_running + queued * SPOOL_MB
 
 
+def apply_hpa_compat(args: object) -> None:
+    """Carry a command's ``--hpa-compat/--no-hpa-compat`` into ``LOCUS_HPA_COMPAT`` for this run.
+
+    The setting then reaches every pipeline the command builds (and, with ``--engine ray`` on a
+    local cluster, the actors, which inherit the environment) through the one settings class.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments; ``hpa_compat`` None leaves the environment as it is.
+    """
+    value = getattr(args, "hpa_compat", None)
+    if value is not None:
+        os.environ["LOCUS_HPA_COMPAT"] = "true" if value else "false"
+
+
 def split_list(value: object) -> object:
     """Read a list setting given as JSON (``'["a", "b"]'``) or comma-separated text.
 

@@ -257,6 +257,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     parser.add_argument("--attributions", action="store_true", help="blend integrated-gradient heatmaps (grad.onnx)")
     parser.add_argument("--segmenter", default="classical", help="segmentation backend (default classical)")
+    parser.add_argument(
+        "--hpa-compat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hpa segmenter: HPA's official post-processing step by step (or --no-hpa-compat: Locus's default); "
+        "sets LOCUS_HPA_COMPAT for this run",
+    )
     parser.add_argument("--steps", type=int, default=None, help="IG trapezoid steps (default LOCUS_IG_STEPS, 64)")
     parser.add_argument("--baseline", choices=["black", "blur"], default="black", help="IG baseline")
     parser.add_argument("--max-cells", type=int, default=50, help="attribute at most this many cells (default 50)")
@@ -297,12 +304,13 @@ def run(args: argparse.Namespace) -> int:
     int
         0 on success, 2 on bad input or a model folder that cannot serve the request.
     """
-    from locus.service.config import PipelineSettings
+    from locus.service.config import PipelineSettings, apply_hpa_compat
     from locus.service.factory import build_pipeline
     from locus.service.imaging import load_field
     from locus.service.manifest import ModelFolderError
     from locus.service.pipeline import ClassifyOptions
 
+    apply_hpa_compat(args)
     settings = PipelineSettings()
     try:
         paths = _field_paths(args)

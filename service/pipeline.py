@@ -66,6 +66,10 @@ class ClassifyOptions:
         ``pixel_size``), the field is resampled to the model's training scale for segmentation and
         cropping; masks, boxes, areas and maps still come back at the image's full resolution.
         None (default): no resampling.
+    hpa_compat : bool, optional
+        With the ``hpa`` segmenter: reproduce HPA's official post-processing step by step (True) or
+        use Locus's default with the two defect fixes (False); None: the segmenter's setting
+        (``LOCUS_HPA_COMPAT``). Other segmenters refuse it.
     """
 
     threshold: float | None = None
@@ -80,6 +84,7 @@ class ClassifyOptions:
     ig_budget: int | None = IG_BUDGET
     max_map_bytes: int | None = MAX_MAP_BYTES
     pixel_size: float | None = None
+    hpa_compat: bool | None = None
 
 
 @dataclass
@@ -247,7 +252,17 @@ class Pipeline:
 
         t = time.perf_counter()
         work = resample_to_model(image, options.pixel_size, self.classifier.manifest.pixel_size)
-        cell_work, nuclei_labels = self.segmenter.segment(work)
+        if options.hpa_compat is not None:
+            if getattr(self.segmenter, "name", "") != "hpa":
+                raise InputError(
+                    f"hpa_compat: only the hpa segmenter has HPA's post-processing; this service runs "
+                    f"{self.segmenter_name!r}: leave hpa_compat out",
+                    field="hpa_compat",
+                    code="invalid_parameter",
+                )
+            cell_work, nuclei_labels = self.segmenter.segment(work, hpa_compat=options.hpa_compat)
+        else:
+            cell_work, nuclei_labels = self.segmenter.segment(work)
         cell_labels = labels_to_shape(cell_work, image.shape[:2])
         nuclei_labels = labels_to_shape(nuclei_labels, image.shape[:2])
         # The contract: nucleus k lies inside cell k; keep only what honours it, so ids are shared.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from locus.service.config import DEFAULT_MODEL_DIR, PipelineSettings
+from locus.service.config import DEFAULT_MODEL_DIR, PipelineSettings, apply_hpa_compat
 from locus.service.factory import build_pipeline
 from locus.service.formats import (
     FORMATS,
@@ -47,6 +47,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="submission CSV to write (resumed when it exists)")
     parser.add_argument("--model", default=None, help=f"model folder (default {DEFAULT_MODEL_DIR})")
     parser.add_argument("--segmenter", default="classical", help="classical, hpa or hpacellseg")
+    parser.add_argument(
+        "--hpa-compat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hpa segmenter: HPA's official post-processing step by step (or --no-hpa-compat: Locus's default); "
+        "sets LOCUS_HPA_COMPAT for this run",
+    )
     parser.add_argument("--json-dir", default=None, help="also write one JSON answer per field here")
     parser.add_argument(
         "--format",
@@ -176,6 +183,7 @@ def predict_folder(
 
 def run(args: argparse.Namespace) -> int:
     """Run ``locus predict``."""
+    apply_hpa_compat(args)
     if getattr(args, "engine", "local") == "ray":
         from locus.service.batch_ray import run_ray
 

@@ -199,6 +199,13 @@ async def classify(
             "Default: no resampling",
         ),
     ] = None,
+    hpa_compat: Annotated[
+        bool | None,
+        Query(
+            description="With the hpa segmenter: true reproduces HPA's official post-processing step by step, "
+            "false uses Locus's default (HPA's two merging defects fixed); default LOCUS_HPA_COMPAT",
+        ),
+    ] = None,
 ) -> ClassifyResponse | KaggleResponse | Response:
     """Segment the four-channel field, classify every cell into the 19 HPA classes, and answer per cell.
 
@@ -222,6 +229,7 @@ async def classify(
         ig_steps=ig_steps,
         ig_baseline=ig_baseline,
         pixel_size=pixel_size,
+        hpa_compat=hpa_compat,
     )
     if fmt in FORMATS:  # files are drawn from the label images; RLE masks would go unused
         options = dataclasses.replace(options, include_masks=False)
@@ -248,9 +256,18 @@ def _options(
     ig_steps: int | None,
     ig_baseline: str,
     pixel_size: float | None = None,
+    hpa_compat: bool | None = None,
 ) -> ClassifyOptions:
     """The request's options, checked against what this model and these settings allow."""
     settings = state.settings
+    if hpa_compat is not None and state.segmenter_name != "hpa":
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"hpa_compat: only the hpa segmenter has HPA's post-processing; this service runs "
+            f"{state.segmenter_name!r} (LOCUS_SEGMENTER): leave hpa_compat out",
+            "hpa_compat",
+        )
     if pixel_size is not None and state.classifier.manifest.pixel_size is None:
         raise ApiError(
             422,
@@ -297,4 +314,5 @@ def _options(
         ig_budget=settings.ig_budget,
         max_map_bytes=settings.max_map_bytes,
         pixel_size=pixel_size,
+        hpa_compat=hpa_compat,
     )

@@ -36,10 +36,10 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from locus.service.config import REPO_MODELS
 from locus.service.imaging import to_unit255
 from locus.service.segmentation.base import SegmentationError, check_field
 from locus.service.segmentation.hpa_postprocess import HpaPostprocessConfig, label_cell
-from locus.service.config import REPO_MODELS
 
 __all__ = ["HpaCellSegSegmenter", "INSTALL_HINT", "relabel_pair"]
 

@@ -456,3 +456,26 @@ def test_hpacellseg_workarounds_with_a_fake_package(monkeypatch, field_1000x1728
     assert cells.max() >= 1
     assert np.all(cells[nuclei > 0] == nuclei[nuclei > 0])
     assert mod.transform is sk_transform  # the shim is only in place during the calls
+
+
+def test_hpa_compat_per_request_through_the_api(hpa_nets: tuple[Path, Path], test_model_dir: Path) -> None:
+    """``hpa_compat`` is a request option with the hpa segmenter and a 422 naming it with any other."""
+    from fastapi.testclient import TestClient
+
+    from locus.service.app import create_app
+    from locus.service.classes import CHANNELS
+    from locus.service.settings import Settings
+    from tests.conftest import png_bytes
+
+    image = generate_field(0, 3, SimConfig(size=256)).image
+    files = {c: (f"{c}.png", png_bytes(image[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+    base = dict(model_dir=test_model_dir, providers=["CPUExecutionProvider"], log_level="warning")
+    hpa = Settings(**base, segmenter="hpa", hpa_nuclei_model=hpa_nets[0], hpa_cell_model=hpa_nets[1])
+    with TestClient(create_app(hpa)) as client:
+        for value in ("true", "false"):
+            r = client.post("/classify", files=files, params={"hpa_compat": value})
+            assert r.status_code == 200, r.text
+            assert r.json()["segmenter"] == "hpa"
+    with TestClient(create_app(Settings(**base))) as client:
+        r = client.post("/classify", files=files, params={"hpa_compat": "true"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "hpa_compat"
