@@ -314,6 +314,13 @@ class ClassicalSegmenter:
     def _prepare(self, image: np.ndarray, scale: float) -> np.ndarray:
         """Downscale to the working size and bring to float32 0-255, (h, w, 4)."""
         h, w = image.shape[:2]
+        if scale < 1.0 and image.dtype == np.uint16:
+            # 16-bit fields are reduced in their own dtype first (OpenCV averages exactly and rounds once: at most
+            # 0.5/65535 of the range, 0.002 grey levels on the 0-255 scale), so the full-size float copy, the
+            # largest cost of a 3072² field, is never made. 8-bit fields keep the float path (rounding there would
+            # be half a grey level).
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            return to_unit255(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
         img = to_unit255(image)
         if scale < 1.0:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
