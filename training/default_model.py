@@ -192,7 +192,9 @@ def _heldout_sets(
 # ----------------------------------------------------------------------------------------------
 
 
-def score_folder(pipeline: Any, folder: str | Path, progress: bool = False) -> dict[str, Any]:
+def score_folder(
+    pipeline: Any, folder: str | Path, progress: bool = False, pixel_size: float | None = None
+) -> dict[str, Any]:
     """Competition mAP and cell-level confusion of one pipeline on one HPA-sim folder with truth.
 
     Every field goes through :meth:`locus.service.pipeline.Pipeline.run` (what is served), its Kaggle
@@ -207,6 +209,8 @@ def score_folder(pipeline: Any, folder: str | Path, progress: bool = False) -> d
         HPA-sim dataset with ``truth/``.
     progress : bool
         Print one line per field.
+    pixel_size : float, optional
+        The fields' pixel size (``ClassifyOptions.pixel_size``: resampled to the model's scale); None: as sent.
 
     Returns
     -------
@@ -225,7 +229,7 @@ def score_folder(pipeline: Any, folder: str | Path, progress: bool = False) -> d
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     n_true = np.zeros(NUM_CLASSES, np.int64)
     cells = matched = top1 = 0
-    options = ClassifyOptions(include_masks=True)
+    options = ClassifyOptions(include_masks=True, pixel_size=pixel_size)
     for ref in refs:
         t = load_truth(folder, ref.id, cell_labels=labels.get(ref.id, {}))
         result = pipeline.run(load_field(ref), options)
@@ -402,7 +406,12 @@ def _better(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _plot_sizes(path: Path, new: dict[str, Any], old: dict[str, Any] | None) -> None:
+def _plot_sizes(
+    path: Path,
+    new: dict[str, Any],
+    old: dict[str, Any] | None,
+    names: tuple[str, str] = ("new model", "previous model"),
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,10 +422,10 @@ def _plot_sizes(path: Path, new: dict[str, Any], old: dict[str, Any] | None) -> 
     sizes = sorted(int(s) for s in new["by_size"])
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
     ax = axes[0]
-    ax.plot(sizes, [new["by_size"][str(s)]["map"] for s in sizes], "o-", lw=2.5, label="new model")
+    ax.plot(sizes, [new["by_size"][str(s)]["map"] for s in sizes], "o-", lw=2.5, label=names[0])
     if old:
         osz = [s for s in sizes if str(s) in old["by_size"]]
-        ax.plot(osz, [old["by_size"][str(s)]["map"] for s in osz], "s--", lw=2, label="previous model")
+        ax.plot(osz, [old["by_size"][str(s)]["map"] for s in osz], "s--", lw=2, label=names[1])
     ax.axhline(0.85, color="grey", ls=":", label="goal: worst size 0.85")
     ax.set_xticks(sizes)
     ax.set_xlabel("field side (px); cells ~0.16 x side across")
@@ -433,7 +442,7 @@ def _plot_sizes(path: Path, new: dict[str, Any], old: dict[str, Any] | None) -> 
         for j in range(grid.shape[1]):
             if not math.isnan(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
-    ax.set_title("new model: AP per class and field size")
+    ax.set_title(f"{names[0]}: AP per class and field size")
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -484,7 +493,13 @@ def _weakest(ev: dict[str, Any], k: int = 3) -> list[tuple[int, float]]:
     return [(i, float(mean[i])) for i in order[:k]]
 
 
-def _card_sections(ev: dict[str, Any], old: dict[str, Any] | None, real: dict | None, old_real: dict | None) -> str:
+def _card_sections(
+    ev: dict[str, Any],
+    old: dict[str, Any] | None,
+    real: dict | None,
+    old_real: dict | None,
+    names: tuple[str, str] = ("new model", "previous model"),
+) -> str:
     from locus.service.classes import CLASS_NAMES
 
     sizes = sorted(int(s) for s in ev["by_size"])
@@ -494,7 +509,8 @@ def _card_sections(ev: dict[str, Any], old: dict[str, Any] | None, real: dict | 
         "(classical segmentation, competition mAP at IoU 0.6). The magnification follows the field size "
         "(cells about 0.16 x the field side across: ~80 px at 512², ~320 px at 2048², ~480 px at 3072²)."
     )
-    lines += ["", "| field | fields | cells | new mAP | previous mAP | new top-1 |", "|---:|---:|---:|---:|---:|---:|"]
+    head = f"| field | fields | cells | {names[0]} mAP | {names[1]} mAP | {names[0]} top-1 |"
+    lines += ["", head, "|---:|---:|---:|---:|---:|---:|"]
     for s in sizes:
         n = ev["by_size"][str(s)]
         o = (old or {}).get("by_size", {}).get(str(s))
@@ -525,7 +541,7 @@ def _card_sections(ev: dict[str, Any], old: dict[str, Any] | None, real: dict | 
         )
         lines += ["", "```", real["table"], "```"]
         if old_real:
-            lines += ["", "Previous model on the same fields:", "", "```", old_real["table"], "```"]
+            lines += ["", f"{names[1].capitalize()} on the same fields:", "", "```", old_real["table"], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -537,6 +553,7 @@ def record_evaluation(
     old_real: dict[str, Any] | None,
     pixel_size: float | None,
     work: Path,
+    names: tuple[str, str] = ("new model", "previous model"),
 ):
     """Write the evaluation into a model folder's manifest, card and plots.
 
@@ -552,6 +569,8 @@ def record_evaluation(
         The pixel size (um) the model was trained at (centre of the mix), recorded in the manifest.
     work : Path
         Where the full JSON goes.
+    names : tuple of str
+        How the card and plot name this model and the other one.
 
     Returns
     -------
@@ -579,7 +598,7 @@ def record_evaluation(
         "heldout_seconds": ev["seconds"],
     }
     if old:
-        metrics["previous_model_by_size"] = {s: v["map"] for s, v in old["by_size"].items()}
+        metrics["compared_model_by_size"] = {"model": names[1], **{s: v["map"] for s, v in old["by_size"].items()}}
     if real:
         metrics["real_validation"] = {k: v for k, v in real.items() if k not in ("table",)}
     training["metrics"] = metrics
@@ -589,10 +608,10 @@ def record_evaluation(
     manifest = manifest.model_copy(update=update)
     write_manifest(model_dir, manifest)
     write_model_card(model_dir, manifest)
-    _plot_sizes(model_dir / "per_size_map.png", ev, old)
+    _plot_sizes(model_dir / "per_size_map.png", ev, old, names)
     _plot_confusion(model_dir / "confusion.png", ev)
     card = model_dir / "MODEL_CARD.md"
-    extra = _card_sections(ev, old, real, old_real)
+    extra = _card_sections(ev, old, real, old_real, names)
     notes = model_dir / "CARD_NOTES.md"
     if notes.is_file():
         extra += "\n" + notes.read_text(encoding="utf-8")
@@ -751,6 +770,11 @@ def _evaluate_and_install(
             record_evaluation(out, ev, old, real, old_real, pixel_size, work)
     elif ev is not None:
         record_evaluation(candidate, ev, old, real, old_real, pixel_size, work)
+        if old is not None:
+            # the installed model keeps its weights; its card and manifest get the same measurements
+            record_evaluation(
+                out, old, ev, old_real, real, None, work, names=("installed model", "retrained candidate")
+            )
         if progress:
             print(f"kept {out}: the candidate (in {candidate}) is not measured better", flush=True)
     report["seconds_total"] = round(time.time() - t0, 1)

@@ -152,3 +152,49 @@ def test_locus_predict_pixel_size(model_dir: Path, field, tmp_path: Path):
     assert stats["done"] == 1 and stats["cells"] >= 5
     row = read_submission(out)["f1"]
     assert (row.height, row.width) == field.cells.shape
+
+
+def _match(pred: np.ndarray, truth: np.ndarray) -> dict[int, int]:
+    """Predicted cell id -> the truth cell it overlaps with IoU >= 0.6."""
+    p_ids, t_ids, iou = label_iou(pred, truth)
+    out = {}
+    for i, k in enumerate(p_ids):
+        j = int(iou[i].argmax()) if iou.shape[1] else -1
+        if j >= 0 and iou[i, j] >= 0.6:
+            out[int(k)] = int(t_ids[j])
+    return out
+
+
+@pytest.mark.slow
+def test_shipped_model_calls_the_truth_at_2048_through_the_api():
+    """The default model on a fresh HPA-sim seed at 2048² (cells ~320 px), as a user sends it, with and without
+    the field's pixel size: the top class is a true class of the cell on at least 80% of the matched cells."""
+    from locus.service.settings import DEFAULT_MODEL_DIR
+    from locus.training.sim.generator import REF_PIXEL_SIZE_UM
+
+    if not (DEFAULT_MODEL_DIR / "manifest.json").is_file():
+        pytest.skip(f"default model not present at {DEFAULT_MODEL_DIR}")
+    fields = [generate_field(i, 777_001, SimConfig(size=2048)) for i in range(2)]
+    settings = Settings(providers=["CPUExecutionProvider"], log_json=False)
+    with TestClient(create_app(settings)) as client:
+        variants = [{}]
+        if load_manifest(DEFAULT_MODEL_DIR).pixel_size is not None:
+            variants.append({"pixel_size": REF_PIXEL_SIZE_UM})
+        for params in variants:
+            hits = total = 0
+            for f in fields:
+                r = client.post("/classify", files=_files(f.image), params={"include_scores": "true", **params})
+                assert r.status_code == 200, r.text
+                pred = np.zeros(f.cells.shape, np.int32)
+                cells = r.json()["cells"]
+                for cell in cells:
+                    m = mask_utils.decode({"size": cell["mask"]["size"], "counts": cell["mask"]["counts"].encode()})
+                    pred[m.astype(bool)] = cell["id"]
+                match = _match(pred, f.cells)
+                for cell in cells:
+                    t = match.get(cell["id"])
+                    if t is not None:
+                        total += 1
+                        hits += int(np.argmax(cell["scores"])) in f.cell_labels[t]
+            assert total >= 25, f"segmentation matched only {total} cells ({params})"
+            assert hits / total >= 0.8, f"top class right on {hits}/{total} cells ({params})"
