@@ -63,3 +63,15 @@ def synthetic_field() -> np.ndarray:
             img[:, :, ch] = np.maximum(img[:, :, ch], layer)
     noise = rng.normal(300, 60, size=img.shape).clip(0, None).astype(np.uint16)
     return img + noise
+
+
+#: Test modules that need TensorFlow for every test (all marked slow): not even imported for ``-m "not slow"``.
+_TENSORFLOW_MODULES = frozenset({"test_grad_export.py", "test_model.py"})
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Skip importing the TensorFlow-only modules (5 s of imports) when slow tests are deselected."""
+    expr = config.getoption("markexpr") or ""
+    if collection_path.name in _TENSORFLOW_MODULES and ("not slow" in expr or "not train" in expr):
+        return True
+    return None

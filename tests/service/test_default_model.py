@@ -145,6 +145,7 @@ def test_a_request_without_attributions_pays_nothing(tmp_path):
         assert all("attributions" not in cell for cell in body["cells"])
 
 
+@pytest.mark.slow
 def test_negative_cells_are_called_negative(client):
     hits = total = 0
     for i in range(8):

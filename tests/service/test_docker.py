@@ -75,6 +75,7 @@ def config() -> dict:
 
 # ----------------------------------------------------------------------------- compose
 @needs_compose
+@pytest.mark.slow
 def test_compose_file_is_valid() -> None:
     res = compose("config", "--quiet")
     assert res.returncode == 0, res.stderr

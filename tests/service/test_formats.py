@@ -232,6 +232,7 @@ def _locus(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "locus.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_predict_writes_every_format_for_a_folder(sim_folder, test_model_dir, tmp_path):
     out = tmp_path / "run"
     r = _locus(

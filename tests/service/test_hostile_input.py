@@ -518,6 +518,7 @@ def test_chunked_body_over_limit_is_413_while_streaming(server, valid):
     assert httpx.post(url + "/classify", files=valid, timeout=60).status_code == 200
 
 
+@pytest.mark.slow
 def test_slow_upload_does_not_block_others_and_is_cut_off(server, valid):
     """A client dribbling its body holds a connection, not the server: /health and /classify answer meanwhile,
     and the dribbler gets 408 after LOCUS_BODY_TIMEOUT_S (3 s here)."""

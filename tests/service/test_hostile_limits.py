@@ -263,6 +263,7 @@ def test_tiff_orientation_gives_the_same_answer_as_no_tag(client, field) -> None
     assert [c["mask"] for c in tagged["cells"]] == [c["mask"] for c in plain["cells"]]
 
 
+@pytest.mark.slow
 def test_timed_out_request_stops_its_work_and_frees_the_worker(field) -> None:
     settings = Settings(
         model_dir=DEFAULT_MODEL_DIR,

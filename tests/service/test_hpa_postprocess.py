@@ -534,6 +534,7 @@ def agreement_with_reference(scenes: list[tuple[np.ndarray, np.ndarray, np.ndarr
     return matched, total
 
 
+@pytest.mark.slow
 def test_compat_matches_the_literal_reading_on_a_clean_field() -> None:
     matched, total = agreement_with_reference([small_sim(0)])
     assert total >= 10 and matched == total

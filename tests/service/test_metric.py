@@ -334,6 +334,7 @@ def _locus() -> str:
     return str(exe)
 
 
+@pytest.mark.slow
 def test_locus_eval_cli(tmp_path):
     import json
     import subprocess

@@ -165,6 +165,7 @@ def test_metrics_http_and_domain(test_model_dir, files):
 # Overload, timeout, draining
 
 
+@pytest.mark.slow
 def test_overload_answers_503_with_retry_after_at_once(test_model_dir, files):
     # max_wait_ms=1000: every request waits a second for its batch to fill, so the first one holds the only slot
     settings = _settings(test_model_dir, max_concurrent=1, max_queue=0, max_wait_ms=1000)

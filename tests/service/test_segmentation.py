@@ -179,6 +179,7 @@ def test_quality_on_drawn_fields(seg, seed) -> None:
     assert nf1 >= 0.8, f"nucleus F1 {nf1:.3f}"
 
 
+@pytest.mark.slow
 def test_large_field_matches_small(seg) -> None:
     image, true_cells, _ = draw_field((2048, 2048), seed=5)
     cells, nuclei = seg.segment(image)

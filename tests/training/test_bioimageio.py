@@ -108,6 +108,7 @@ def test_shipped_model_package_is_valid_and_current():
     assert np.allclose(_onnx(weights, x), np.load(SHIPPED_PACKAGE / "test_output.npy"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_packages_a_model_folder_without_tensorflow(test_model_dir, tmp_path):
     out = tmp_path / "pkg"
     # TensorFlow and Keras made unimportable: packaging a folder must not need them

@@ -10,7 +10,7 @@ keras = pytest.importorskip("keras")
 
 from locus.training.model import build_backbone, build_model, load_imagenet_stem  # noqa: E402
 
-pytestmark = pytest.mark.train
+pytestmark = [pytest.mark.train, pytest.mark.slow]  # TensorFlow: slow to import and to build
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def test_unknown_architecture():
         build_model("b9", 32)
 
 
+@pytest.mark.slow
 def test_imagenet_init_copies_weights_and_yellow_from_blue(tmp_path, model):
     twin = build_backbone("b0", 32, 3)
     rng = np.random.default_rng(1)

@@ -44,6 +44,7 @@ def test_field_alone_equals_field_in_batch(tmp_path: Path):
     assert np.array_equal(cells, alone.cells)
 
 
+@pytest.mark.slow
 def test_ground_truth_is_consistent(fields: list[SimField]):
     for f in fields:
         h, w = f.cells.shape
@@ -145,6 +146,7 @@ def _cells_with(fields: list[SimField], labels: list[int]) -> list[tuple[SimFiel
     return [(f, k) for f in fields for k, v in f.cell_labels.items() if v == labels]
 
 
+@pytest.mark.slow
 def test_green_compartments_match_labels(fields: list[SimField]):
     """A nucleoplasm protein sits in the nucleus; a cytosolic one outside it."""
     extra = [generate_field(i, 8, SMALL) for i in range(50, 90)]
