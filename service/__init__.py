@@ -1,3 +1,5 @@
-"""Locus service: per-cell protein localisation over ONNX Runtime."""
+"""Locus service (``locus.service``): the array pipeline and, above it, the HTTP service over ONNX Runtime."""
 
-__version__ = "0.1.0"
+from locus import __version__
+
+__all__ = ["__version__"]
