@@ -145,6 +145,7 @@ def test_keys_are_never_logged_in_process(keyed_settings, files, capfd, caplog):
         assert secret not in logged
 
 
+@pytest.mark.slow
 def test_keys_are_never_logged_by_the_server(test_model_dir, key_file, files, tmp_path):
     log_path = tmp_path / "server.log"
     with serve(

@@ -559,6 +559,7 @@ def test_slow_upload_does_not_block_others_and_is_cut_off(server, valid):
     assert b'"request_timeout"' in answer
 
 
+@pytest.mark.slow
 def test_bombs_keep_server_memory_bounded(server, valid):
     url, proc = server
     bombs = {

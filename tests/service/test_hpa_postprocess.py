@@ -514,6 +514,7 @@ def test_touching_nuclei_merge_in_compat_mode_and_stay_apart_by_default() -> Non
     assert compat["n_pred"] < default["n_pred"]
 
 
+@pytest.mark.slow
 def test_default_is_at_least_as_good_as_compat_on_noisy_maps() -> None:
     for truth, _, nm, cm in (small_sim(0, "very noisy"), small_touching(1, "noisy")):
         default = scores_vs_truth(truth, nm, cm)

@@ -188,6 +188,7 @@ def test_overload_answers_503_with_retry_after_at_once(test_model_dir, files):
         assert c.post("/classify", files=files).status_code == 200
 
 
+@pytest.mark.slow
 def test_request_timeout_is_504_and_the_slot_comes_back(test_model_dir, files):
     settings = _settings(test_model_dir, request_timeout_s=0.2, max_wait_ms=1000)
     with TestClient(create_app(settings)) as c:
@@ -201,6 +202,7 @@ def test_request_timeout_is_504_and_the_slot_comes_back(test_model_dir, files):
         assert _metric(c.get("/metrics").text, "locus_rejections_total", reason="timeout") == 1
 
 
+@pytest.mark.slow
 def test_readiness_false_while_draining_and_requests_in_flight_finish(test_model_dir, files):
     settings = _settings(test_model_dir, max_wait_ms=1000)
     with TestClient(create_app(settings)) as c:
@@ -234,6 +236,7 @@ def _json_lines(text: str) -> list[dict]:
     return lines
 
 
+@pytest.mark.slow
 def test_model_failure_is_a_500_with_request_id_logged_and_next_request_served(
     failing_model_dir, files, poison_files, tmp_path
 ):

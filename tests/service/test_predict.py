@@ -23,6 +23,7 @@ def _locus(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "locus.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_predict_writes_submission_resumes_and_scores(sim_folder, test_model_dir, tmp_path):
     out = tmp_path / "submission.csv"
     r = _locus(

@@ -215,6 +215,7 @@ def test_dim_uint16_twelve_bit(seg) -> None:
 
 
 @pytest.mark.parametrize("shape", [(300, 700), (700, 300), (1000, 1500)])
+@pytest.mark.slow
 def test_non_square(seg, shape) -> None:
     image, true_cells, _ = draw_field(shape, seed=8)
     cells, nuclei = seg.segment(image)

@@ -115,6 +115,7 @@ def test_health_answers_while_a_request_classifies(server):
     assert max(latencies) < 2.0
 
 
+@pytest.mark.slow
 def test_sigterm_drains_and_exits_cleanly(test_model_dir):
     port = _free_port()
     proc = _start(test_model_dir, port)

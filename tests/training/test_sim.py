@@ -116,6 +116,7 @@ def test_cli_writes_layout(tmp_path: Path):
     assert (out / "sim_00001_yellow.png").exists() and (out / "truth" / "sim_00001_nuclei.png").exists()
 
 
+@pytest.mark.slow
 def test_all_classes_occur(fields: list[SimField]):
     cell_counts: Counter[int] = Counter()
     image_counts: Counter[int] = Counter()
