@@ -3,7 +3,7 @@
 
 import { ApiError, apiFetch, classify, getJSON, setKey } from "./api.js";
 import { CHANNELS, buildLayer, readChannel } from "./channels.js";
-import { CLASS_COLOURS, cellColour } from "./classes.js";
+import { CLASS_COLOURS, cellColour, setClassNames } from "./classes.js";
 import { cellsCSV, kaggleCSV, saveBlob } from "./downloads.js";
 import { renderCell } from "./panel.js";
 import { FieldView } from "./view.js";
@@ -64,6 +64,7 @@ async function connect() {
     return;
   }
   const m = state.model;
+  setClassNames(m.classes);
   $("#model-info").textContent = `${m.name} ${m.version} · ${m.architecture} · ${m.segmenter} · ${m.provider.replace("ExecutionProvider", "")}`;
   $("#attributions").disabled = !m.attributions;
   if (!m.attributions) $("#attributions").parentElement.title = "this model folder has no gradient model (grad.onnx)";

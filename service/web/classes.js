@@ -1,26 +1,12 @@
-// The 19 classes of the HPA single-cell task and one colour each (bright, to read over a dark field).
+// One colour for each of the 19 classes of the HPA single-cell task (bright, to read over a dark field).
 
-export const CLASS_NAMES = [
-  "Nucleoplasm",
-  "Nuclear membrane",
-  "Nucleoli",
-  "Nucleoli fibrillar center",
-  "Nuclear speckles",
-  "Nuclear bodies",
-  "Endoplasmic reticulum",
-  "Golgi apparatus",
-  "Intermediate filaments",
-  "Actin filaments",
-  "Microtubules",
-  "Mitotic spindle",
-  "Centrosome",
-  "Plasma membrane",
-  "Mitochondria",
-  "Aggresome",
-  "Cytosol",
-  "Vesicles and punctate cytosolic patterns",
-  "Negative",
-];
+// The class names come from the service (GET /model: "classes", i.e. locus.service.classes), never a copy here;
+// app.js sets them once /model has answered, before anything is drawn. Importers see the update (live binding).
+export let CLASS_NAMES = [];
+
+export function setClassNames(names) {
+  CLASS_NAMES = names;
+}
 
 export const CLASS_COLOURS = [
   "#5c9dff", // nucleoplasm
