@@ -10,6 +10,7 @@ crop extraction all read the same values from the same variables.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,8 @@ __all__ = [
     "BYTES_PER_PIXEL",
     "PER_REQUEST_MB",
     "peak_memory_mb",
+    "add_hpa_compat_argument",
+    "apply_hpa_compat",
 ]
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -83,6 +86,23 @@ def peak_memory_mb(*, running: int, queued: int, pixels: int, request_bytes: int
     """
     per_running = PER_REQUEST_MB + (BYTES_PER_PIXEL * pixels + request_bytes) / 2**20
     return running * per_running + queued * SPOOL_MB
+
+
+def add_hpa_compat_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--hpa-compat/--no-hpa-compat`` to a command (applied with :func:`apply_hpa_compat`).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The command's parser.
+    """
+    parser.add_argument(
+        "--hpa-compat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hpa segmenter: HPA's official post-processing step by step (or --no-hpa-compat: Locus's default); "
+        "sets LOCUS_HPA_COMPAT for this run",
+    )
 
 
 def apply_hpa_compat(args: object) -> None:

@@ -247,7 +247,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--field", nargs=2, metavar=("DIR", "ID"), help="read DIR/ID_{red,green,blue,yellow}.{png,tif,jpg}"
     )
-    from locus.service.config import DEFAULT_MODEL_DIR
+    from locus.service.config import DEFAULT_MODEL_DIR, add_hpa_compat_argument
 
     parser.add_argument(
         "--model",
@@ -257,13 +257,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="overlay.png", help="output PNG (default overlay.png)")
     parser.add_argument("--attributions", action="store_true", help="blend integrated-gradient heatmaps (grad.onnx)")
     parser.add_argument("--segmenter", default="classical", help="segmentation backend (default classical)")
-    parser.add_argument(
-        "--hpa-compat",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="hpa segmenter: HPA's official post-processing step by step (or --no-hpa-compat: Locus's default); "
-        "sets LOCUS_HPA_COMPAT for this run",
-    )
+    add_hpa_compat_argument(parser)
     parser.add_argument("--steps", type=int, default=None, help="IG trapezoid steps (default LOCUS_IG_STEPS, 64)")
     parser.add_argument("--baseline", choices=["black", "blur"], default="black", help="IG baseline")
     parser.add_argument("--max-cells", type=int, default=50, help="attribute at most this many cells (default 50)")

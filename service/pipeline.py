@@ -220,6 +220,27 @@ class Pipeline:
         self.batcher = batcher
         self._predict = batcher or classifier.predict
 
+    def check_options(self, options: ClassifyOptions) -> None:
+        """Refuse options this pipeline cannot honour, before any work (the HTTP layer calls it up front too).
+
+        Parameters
+        ----------
+        options : ClassifyOptions
+            What a caller asks.
+
+        Raises
+        ------
+        InputError
+            422 ``invalid_parameter``: ``hpa_compat`` with a segmenter other than ``hpa``.
+        """
+        if options.hpa_compat is not None and getattr(self.segmenter, "name", "") != "hpa":
+            raise InputError(
+                f"hpa_compat: only the hpa segmenter has HPA's post-processing; this service runs "
+                f"{self.segmenter_name!r} (LOCUS_SEGMENTER): leave hpa_compat out",
+                field="hpa_compat",
+                code="invalid_parameter",
+            )
+
     def close(self) -> None:
         """Stop the batcher, if any."""
         close = getattr(self.batcher, "close", None)
@@ -247,19 +268,13 @@ class Pipeline:
             Cells with labels, probabilities, masks and attributions, plus stage timings.
         """
         options = options or ClassifyOptions()
+        self.check_options(options)
         timings: dict[str, float] = {}
         check = _checker(stop)
 
         t = time.perf_counter()
         work = resample_to_model(image, options.pixel_size, self.classifier.manifest.pixel_size)
         if options.hpa_compat is not None:
-            if getattr(self.segmenter, "name", "") != "hpa":
-                raise InputError(
-                    f"hpa_compat: only the hpa segmenter has HPA's post-processing; this service runs "
-                    f"{self.segmenter_name!r}: leave hpa_compat out",
-                    field="hpa_compat",
-                    code="invalid_parameter",
-                )
             cell_work, nuclei_labels = self.segmenter.segment(work, hpa_compat=options.hpa_compat)
         else:
             cell_work, nuclei_labels = self.segmenter.segment(work)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from locus.service.config import DEFAULT_MODEL_DIR, PipelineSettings, apply_hpa_compat
+from locus.service.config import DEFAULT_MODEL_DIR, PipelineSettings, add_hpa_compat_argument, apply_hpa_compat
 from locus.service.factory import build_pipeline
 from locus.service.formats import (
     FORMATS,
@@ -47,13 +47,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="submission CSV to write (resumed when it exists)")
     parser.add_argument("--model", default=None, help=f"model folder (default {DEFAULT_MODEL_DIR})")
     parser.add_argument("--segmenter", default="classical", help="classical, hpa or hpacellseg")
-    parser.add_argument(
-        "--hpa-compat",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="hpa segmenter: HPA's official post-processing step by step (or --no-hpa-compat: Locus's default); "
-        "sets LOCUS_HPA_COMPAT for this run",
-    )
+    add_hpa_compat_argument(parser)
     parser.add_argument("--json-dir", default=None, help="also write one JSON answer per field here")
     parser.add_argument(
         "--format",

@@ -260,14 +260,6 @@ def _options(
 ) -> ClassifyOptions:
     """The request's options, checked against what this model and these settings allow."""
     settings = state.settings
-    if hpa_compat is not None and state.segmenter_name != "hpa":
-        raise ApiError(
-            422,
-            "invalid_parameter",
-            f"hpa_compat: only the hpa segmenter has HPA's post-processing; this service runs "
-            f"{state.segmenter_name!r} (LOCUS_SEGMENTER): leave hpa_compat out",
-            "hpa_compat",
-        )
     if pixel_size is not None and state.classifier.manifest.pixel_size is None:
         raise ApiError(
             422,
@@ -302,7 +294,7 @@ def _options(
                 f"ig_steps: {steps} is over the maximum of {settings.ig_max_steps} (LOCUS_IG_MAX_STEPS)",
                 "ig_steps",
             )
-    return ClassifyOptions(
+    options = ClassifyOptions(
         threshold=threshold,
         include_masks=include_masks,
         include_scores=include_scores,
@@ -316,3 +308,5 @@ def _options(
         pixel_size=pixel_size,
         hpa_compat=hpa_compat,
     )
+    state.pipeline.check_options(options)  # before admission: the pipeline's own check, not a copy of it
+    return options
