@@ -25,7 +25,16 @@ Steps
    by the nuclei grows one cell per nucleus over the inverted, lightly smoothed
    signal plus a small multiple of the distance to the nearest nucleus (dim lines
    between touching cells decide the boundary; where there is none, it falls
-   about halfway between the nuclei).
+   about halfway between the nuclei). Fields reduced at least
+   ``gradient_min_reduction`` times to the working size (1536² and larger at the
+   default 512) use a second landscape, measured better there: the gradient
+   magnitude of the lightly smoothed cytoplasm signal (a boundary is where the
+   signal changes: cell to background, and a dim cell to a bright neighbour), plus
+   a stronger distance term, over a foreground found by Otsu in the log domain
+   (dim cells are kept whole). On HPA-sim 2.0 held-out fields this raised the cells
+   matched at IoU 0.6 from 88-89% to 95% at 2048² and 3072²; at 512² and 1024²,
+   processed at (nearly) full resolution where texture dominates the gradient, it
+   lowered them, so they keep the intensity landscape.
 4. Cells and nuclei below the minimum areas (given for a 2048² field and scaled by
    the field's area) are dropped, together with cells without a nucleus; cells are
    renumbered ``1..n`` with nucleus ``k`` inside cell ``k``.
@@ -114,6 +123,16 @@ class ClassicalConfig:
         channel for nuclei to be sought; Gaussian noise gives about 0.64.
     cell_channels : tuple of int
         Channels (indices into R, G, B, Y) whose maximum is the cytoplasm signal.
+    gradient_min_reduction : float
+        Fields reduced at least this many times (side ratio) to the working size use the gradient
+        landscape and the log-domain foreground below; 0 disables them.
+    gradient_distance_weight : float
+        ``distance_weight`` of the gradient landscape (the gradient magnitude is scaled to 1 at its 99th
+        percentile over the foreground).
+    gradient_foreground_factor : float
+        Multiplier of the cytoplasm signal's Otsu threshold found on ``log1p(100 x)`` (gradient landscape).
+    gradient_foreground_floor : float
+        Lowest cytoplasm threshold of the gradient landscape, normalised units.
     """
 
     work_side: int = 512
@@ -136,6 +155,10 @@ class ClassicalConfig:
     min_contrast: float = 2.0
     min_separability: float = 0.75
     cell_channels: tuple[int, ...] = field(default=(0, 2, 3))
+    gradient_min_reduction: float = 2.5
+    gradient_distance_weight: float = 1.0
+    gradient_foreground_factor: float = 1.15
+    gradient_foreground_floor: float = 0.03
 
     def to_dict(self) -> dict:
         """Return the options as a JSON-serialisable dict."""
@@ -388,7 +411,7 @@ class ClassicalSegmenter:
             labels = np.where(tight, labels, 0).astype(np.int32)
         return labels
 
-    def segment_cells(self, norm: np.ndarray, nuclei: np.ndarray, ref: float) -> np.ndarray:
+    def segment_cells(self, norm: np.ndarray, nuclei: np.ndarray, ref: float, reduction: float = 1.0) -> np.ndarray:
         """Grow one cell per nucleus over the cytoplasm signal.
 
         Parameters
@@ -399,6 +422,9 @@ class ClassicalSegmenter:
             (h, w) int32 nucleus labels (the seeds).
         ref : float
             Reference-to-working length factor.
+        reduction : float
+            How many times the field was reduced (side ratio) to the working size; at least
+            ``gradient_min_reduction`` selects the gradient landscape.
 
         Returns
         -------
@@ -406,10 +432,18 @@ class ClassicalSegmenter:
             (h, w) int32 cell labels with the ids of their nuclei.
         """
         cfg = self.config
+        gradient = cfg.gradient_min_reduction > 0 and reduction >= cfg.gradient_min_reduction
         raw = norm[:, :, list(cfg.cell_channels)].max(axis=2)
         cyto = cv2.GaussianBlur(raw, (0, 0), max(cfg.cell_sigma * ref, 0.5))
-        thr, _ = otsu_threshold(cyto)
-        fg = cyto > max(cfg.cell_threshold_floor, cfg.cell_threshold_factor * thr)
+        if gradient:
+            g = 100.0
+            logged = np.log1p(cyto * np.float32(g)) * np.float32(1.0 / math.log1p(g))
+            thr_log, _ = otsu_threshold(logged)
+            thr = math.expm1(thr_log * cfg.gradient_foreground_factor * math.log1p(g)) / g
+            fg = cyto > max(cfg.gradient_foreground_floor, thr)
+        else:
+            thr, _ = otsu_threshold(cyto)
+            fg = cyto > max(cfg.cell_threshold_floor, cfg.cell_threshold_factor * thr)
         fg |= nuclei > 0
         # Fill holes inside cells (but not large enclosed background).
         holes = fill_holes(fg) & ~fg
@@ -421,10 +455,19 @@ class ClassicalSegmenter:
             fg |= small[hl]
         if cfg.boundary_sigma != cfg.cell_sigma:
             cyto = cv2.GaussianBlur(raw, (0, 0), max(cfg.boundary_sigma * ref, 0.5))
-        landscape = -cyto
-        if cfg.distance_weight > 0:
+        if gradient:
+            gx = cv2.Sobel(cyto, cv2.CV_32F, 1, 0)
+            gy = cv2.Sobel(cyto, cv2.CV_32F, 0, 1)
+            landscape = cv2.magnitude(gx, gy)
+            top = float(np.percentile(landscape[fg], 99)) if fg.any() else 0.0
+            landscape *= np.float32(1.0 / max(top, 1e-6))
+            weight = cfg.gradient_distance_weight
+        else:
+            landscape = -cyto
+            weight = cfg.distance_weight
+        if weight > 0:
             dist = cv2.distanceTransform((nuclei == 0).view(np.uint8), cv2.DIST_L2, 5)
-            landscape = landscape + dist * np.float32(cfg.distance_weight / max(cfg.cell_radius * ref, 1e-3))
+            landscape = landscape + dist * np.float32(weight / max(cfg.cell_radius * ref, 1e-3))
         return watershed(landscape, nuclei, mask=fg).astype(np.int32, copy=False)
 
     # --------------------------------------------------------------- public
@@ -462,7 +505,7 @@ class ClassicalSegmenter:
         if not nuclei.any():
             return empty, empty.copy()
 
-        cells = self.segment_cells(norm, nuclei, ref)
+        cells = self.segment_cells(norm, nuclei, ref, reduction=1.0 / scale)
         csizes = np.bincount(cells.ravel(), minlength=nuclei.max() + 1)
         ckeep = csizes >= cfg.min_cell_area * ref * ref
         ckeep[0] = False
