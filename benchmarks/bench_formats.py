@@ -124,7 +124,7 @@ def lean_segment(image: np.ndarray) -> np.ndarray:
         [normalise_channel(work[:, :, c], cfg.low_percentile, cfg.high_percentile, cfg.min_contrast) for c in range(4)]
     ).astype(np.float32)
     nuclei = seg.segment_nuclei(norm[:, :, 2], ref)
-    cells = seg.segment_cells(norm, nuclei, ref, reduction=1.0 / scale)
+    cells = seg.segment_cells(norm, nuclei, ref)
     return cv2.resize(cells.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -83,10 +84,17 @@ def cell_records(labels: np.ndarray) -> list[CellRecord]:
         if sl is None:
             continue
         rs, cs = sl
-        mask = labels[sl] == idx
-        rows, cols = np.nonzero(mask)
-        area = int(rows.size)
-        centroid = (float(rows.mean() + rs.start), float(cols.mean() + cs.start))
+        box = labels[sl]
+        if box.dtype == np.int32:
+            # OpenCV's moments of the 0/255 mask: integer sums, so area and centroid are exactly numpy's
+            # (pixel count; mean row and column, one rounding each), in a fraction of the time.
+            m = cv2.moments(cv2.compare(box, idx, cv2.CMP_EQ), binaryImage=True)
+            area = int(m["m00"])
+            centroid = (float(m["m01"] / m["m00"] + rs.start), float(m["m10"] / m["m00"] + cs.start))
+        else:
+            rows, cols = np.nonzero(box == idx)
+            area = int(rows.size)
+            centroid = (float(rows.mean() + rs.start), float(cols.mean() + cs.start))
         touches = rs.start == 0 or cs.start == 0 or rs.stop == h or cs.stop == w
         records.append(
             CellRecord(

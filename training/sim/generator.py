@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import multiprocessing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from locus.training.sim.patterns import (
 __all__ = [
     "REF_CELL_DIAMETER_PX",
     "REF_PIXEL_SIZE_UM",
+    "MIN_RENDER_SCALE",
     "SIM_VERSION",
     "SimConfig",
     "SimField",
@@ -57,7 +59,10 @@ REF_CELL_DIAMETER_PX = 335.0
 _MAX_SEED_CELLS = 3000
 _SCALE_SALT = 0x5343414C45  # "SCALE": the per-field cell-diameter draw's own stream
 
-SIM_VERSION = "2.0"
+SIM_VERSION = "2.1"
+#: Fields at a smaller scale than this (relative to the 2048² reference) are drawn larger and reduced (pixel
+#: integration, ``SimConfig.max_supersample``).
+MIN_RENDER_SCALE = 0.5
 MITOTIC_SPINDLE = 11
 
 #: Primary classes in one balanced cycle: every class once, nucleoplasm and cytosol (the commonest HPA
@@ -125,6 +130,11 @@ class SimConfig:
         Multiplier on shot and read noise (0 disables noise).
     illumination : float
         Strength of the uneven illumination gradient (0 disables it).
+    max_supersample : int
+        Pixel integration: a field whose scale is below :data:`MIN_RENDER_SCALE` is drawn at up to this
+        many times its side and reduced by area averaging before the noise, as a camera pixel integrates
+        the light over its area (point-sampled fine texture aliases into pixel-sized speckle, which no real
+        low-magnification or downscaled field shows). 1 disables it.
     """
 
     size: int = 512
@@ -135,6 +145,7 @@ class SimConfig:
     negative_field_fraction: float = 0.05
     noise: float = 1.0
     illumination: float = 1.0
+    max_supersample: int = 4
     cell_diameter_px: float | None = None
     pixel_size_um: float | None = None
     cell_diameter_range: tuple[float, float] | None = None
@@ -336,10 +347,12 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     n_cells = tuple(min(_MAX_SEED_CELLS, max(1, int(round(v * area)))) for v in config.n_cells)
     field_set = _sample_field_set(rng, config, seed, index)
     want_spindle = MITOTIC_SPINDLE in field_set
+    # Pixel integration: small scales are drawn k times larger and area-reduced before acquisition noise.
+    k = max(1, min(int(config.max_supersample), math.ceil(MIN_RENDER_SCALE / scale - 1e-9)))
     geo = make_geometry(
-        size,
+        size * k,
         rng,
-        scale=scale,
+        scale=scale * k,
         n_cells=n_cells,  # type: ignore[arg-type]
         mitotic_fraction=max(config.mitotic_fraction, 0.08 if want_spindle else 0.0),
         min_mitotic=int(rng.integers(2, 5)) if want_spindle else 0,
@@ -348,6 +361,10 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     ctx = PaintContext(geo, rng)
     n = geo.n
     h = w = size
+    cells, nuclei = geo.cells, geo.nuclei
+    if k > 1:  # truth: the label at each final pixel's centre
+        cells = np.ascontiguousarray(cells[k // 2 :: k, k // 2 :: k])
+        nuclei = np.ascontiguousarray(nuclei[k // 2 :: k, k // 2 :: k])
 
     # Per-field, per-cell intensities.
     def cell_gain(sigma: float) -> np.ndarray:
@@ -373,6 +390,11 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     # Where one cell lies over another, both cells' protein adds up.
     green *= 1.0 + 0.35 * geo.overlap
 
+    if k > 1:
+        red, green, blue, yellow = (
+            cv2.resize(v.astype(np.float32, copy=False), (w, h), interpolation=cv2.INTER_AREA)
+            for v in (red, green, blue, yellow)
+        )
     # Acquisition: uneven illumination, background, shot and read noise, quantisation.
     g = 64
     yy, xx = np.mgrid[0:g, 0:g].astype(np.float32) / np.float32(g - 1)
@@ -393,8 +415,8 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     image = np.stack(channels, axis=-1)
     return SimField(
         image=image,
-        cells=geo.cells,
-        nuclei=geo.nuclei,
+        cells=cells,
+        nuclei=nuclei,
         cell_labels=cell_labels,
         field_labels=field_set,
         mitotic=[int(k) + 1 for k in np.flatnonzero(geo.mitotic)],
