@@ -280,8 +280,10 @@ class Pipeline:
             cell_work, nuclei_labels = self.segmenter.segment(work)
         cell_labels = labels_to_shape(cell_work, image.shape[:2])
         nuclei_labels = labels_to_shape(nuclei_labels, image.shape[:2])
-        # The contract: nucleus k lies inside cell k; keep only what honours it, so ids are shared.
-        nuclei_labels = np.where(nuclei_labels == cell_labels, nuclei_labels, 0).astype(np.int32, copy=False)
+        # The contract: nucleus k lies inside cell k; keep only what honours it, so ids are shared (a full-resolution
+        # pass, skipped for backends that guarantee it; both label images are resized by the same nearest mapping).
+        if not getattr(self.segmenter, "nuclei_in_cells", False):
+            nuclei_labels = np.where(nuclei_labels == cell_labels, nuclei_labels, 0).astype(np.int32, copy=False)
         timings["segment"] = (time.perf_counter() - t) * 1e3
 
         check()

@@ -38,6 +38,9 @@ class Segmenter(Protocol):
     ----------
     name : str
         The backend's registry name (``"classical"``, ``"hpa"``, ...).
+    nuclei_in_cells : bool
+        Optional; True when the backend guarantees, pixel for pixel, that nucleus ``k`` lies inside
+        cell ``k``, so callers need not enforce it with a full-resolution pass (absent: False).
     """
 
     name: str

@@ -349,6 +349,8 @@ class ClassicalSegmenter:
     """
 
     name: str = "classical"
+    #: Nuclei are cut to their cell before the (shared) upsampling, so nucleus k lies inside cell k.
+    nuclei_in_cells: bool = True
 
     def __init__(self, config: ClassicalConfig | None = None, **options) -> None:
         if config is not None and options:
