@@ -85,7 +85,7 @@ def cell_records(labels: np.ndarray) -> list[CellRecord]:
             continue
         rs, cs = sl
         box = labels[sl]
-        if box.dtype == np.int32:
+        if box.dtype == np.int32 and min(box.shape) > 4:  # (OpenCV reads arrays of <= 4 rows or columns as scalars)
             # OpenCV's moments of the 0/255 mask: integer sums, so area and centroid are exactly numpy's
             # (pixel count; mean row and column, one rounding each), in a fraction of the time.
             m = cv2.moments(cv2.compare(box, idx, cv2.CMP_EQ), binaryImage=True)

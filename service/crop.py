@@ -177,7 +177,7 @@ def crop_cell(
 
 def _equal(labels: np.ndarray, value: int) -> np.ndarray:
     """``labels == value`` as a 0/255 ``uint8`` mask (OpenCV's compare, several times faster than numpy's)."""
-    if labels.dtype == np.int32:
+    if labels.dtype == np.int32 and min(labels.shape) > 4:  # (OpenCV reads tiny arrays as scalars)
         return cv2.compare(labels, int(value), cv2.CMP_EQ)
     return (labels == value).astype(np.uint8) * np.uint8(255)
 

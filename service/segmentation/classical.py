@@ -29,7 +29,8 @@ Steps
    magnitude of the lightly smoothed cytoplasm signal (a boundary is where the
    signal changes: cell to background, a dim cell to a bright neighbour, the dim
    line between two cells) plus the distance term, over a foreground found by Otsu
-   in the log domain (dim cells are kept whole). Measured on HPA-sim held-out
+   in the log domain (dim cells are kept whole); the dim halo just outside a cell's
+   edge is flooded last, so no neighbour creeps around a cell along it. Measured on HPA-sim held-out
    fields against the inverted-intensity landscape (``landscape="intensity"``, the
    earlier default): cells matched at IoU 0.6 rose from 88-89% to 95% at 2048² and
    3072², and from 89% to 95% on 2048² fields downscaled to 512².
@@ -480,7 +481,8 @@ class ClassicalSegmenter:
             thr = math.expm1(thr_log * cfg.cell_threshold_factor * math.log1p(g)) / g
         else:
             thr = cfg.cell_threshold_factor * otsu_threshold(cyto)[0]
-        fg = cyto > max(cfg.cell_threshold_floor, thr)
+        level = max(cfg.cell_threshold_floor, thr)
+        fg = cyto > level
         fg |= nuclei > 0
         # Fill holes inside cells (but not large enclosed background).
         holes = fill_holes(fg) & ~fg
@@ -501,6 +503,14 @@ class ClassicalSegmenter:
         if cfg.distance_weight > 0:
             dist = cv2.distanceTransform((nuclei == 0).view(np.uint8), cv2.DIST_L2, 5)
             landscape = landscape + dist * np.float32(cfg.distance_weight / max(cfg.cell_radius * ref, 1e-3))
+        if cfg.landscape == "gradient":
+            # Outside a cell's edge (its smoothed signal below half the brightest nearby: a blurred step's edge is at
+            # half its height) lies a dim halo below the edge's crest of gradient, all around the cell: a moat a
+            # neighbour would flood around the cell. The halo is flooded last, evenly, from the cells beside it.
+            r = max(1, round(3.0 * max(cfg.cell_sigma * ref, 0.5)))
+            disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+            halo = (cyto < np.float32(0.5) * cv2.dilate(cyto, disc)) & (cv2.erode(cyto, disc) <= np.float32(level))
+            landscape[halo] = float(landscape.max()) + 1.0
         return watershed(landscape, nuclei, mask=fg).astype(np.int32, copy=False)
 
     # --------------------------------------------------------------- public

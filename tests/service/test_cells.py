@@ -82,3 +82,17 @@ def test_matches_regionprops() -> None:
 def test_bad_labels(bad) -> None:
     with pytest.raises(ValueError):
         cell_records(bad)
+
+
+def test_records_identical_for_every_label_dtype() -> None:
+    """int32 labels take OpenCV's moments, others numpy: same areas, boxes and centroids to the last bit."""
+    rng = np.random.default_rng(3)
+    labels = np.zeros((300, 420), np.int32)
+    for k in range(1, 30):
+        r, c = rng.integers(0, 300), rng.integers(0, 420)
+        hh, ww = rng.integers(5, 90, 2)
+        labels[r : r + hh, c : c + ww] = k
+    fast = cell_records(labels)
+    for dtype in (np.uint16, np.int64, np.uint32):
+        assert cell_records(labels.astype(dtype)) == fast
+    assert len(fast) > 10

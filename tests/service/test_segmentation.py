@@ -276,3 +276,64 @@ def test_real_sample(seg) -> None:
     assert blue[cells > 0].sum() >= 0.9 * blue.sum()
     areas = np.bincount(cells.ravel())[1:]
     assert areas.min() >= 5500 * image.shape[0] * image.shape[1] / 2048**2
+
+
+# ----------------------------------------------------------------------------- building blocks
+def test_h_maxima_equals_skimage() -> None:
+    """The OpenCV h-maxima gives skimage's result exactly, plateaus and ties included."""
+    from skimage.morphology import h_maxima as sk_h_maxima
+
+    from locus.service.segmentation.classical import h_maxima
+
+    rng = np.random.default_rng(7)
+    for trial in range(120):
+        h, w = (int(v) for v in rng.integers(3, 70, 2))
+        img = rng.random((h, w)).astype(np.float32) * np.float32(rng.uniform(1, 30))
+        img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.5, 4)))
+        if trial % 3 == 0:
+            img[rng.random((h, w)) < 0.3] = 0  # a masked distance map: zeros around
+        if trial % 4 == 0:
+            img = np.round(img)  # plateaus
+        height = float(rng.uniform(0.05, 3.0))
+        np.testing.assert_array_equal(h_maxima(img, height), sk_h_maxima(img, height), err_msg=f"trial {trial}")
+
+
+def test_landscape_option() -> None:
+    """Both cell landscapes segment a drawn field; an unknown one is refused with the valid names."""
+    image, truth, _ = draw_field((384, 384), seed=3)
+    for landscape in ("gradient", "intensity"):
+        seg = make_segmenter("classical", landscape=landscape)
+        cells, nuclei = seg.segment(image)
+        check_contract(image, cells, nuclei)
+        f1, miou = match_scores(cells, truth)
+        assert f1 >= 0.8, (landscape, f1)
+    with pytest.raises(ValueError, match="gradient"):
+        ClassicalConfig(landscape="sobel")
+
+
+def test_gradient_landscape_follows_a_dim_neighbour() -> None:
+    """Two touching cells of unequal brightness and size: the boundary is the step in the signal, not halfway.
+
+    A bright large cell (nucleus at x=130) meets a dim small one (nucleus at x=330) along x=260, a
+    straight edge 70 px from the dim nucleus and 130 from the bright one; halfway between the nuclei
+    would put it at x=230.
+    """
+    h, w = 256, 448
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = ((yy - 128) / 110.0) ** 2 + ((xx - 224) / 215.0) ** 2 < 1.0
+    image = np.zeros((h, w, 4), np.uint8)
+    bright = inside & (xx < 260)
+    dim = inside & (xx >= 260)
+    for ch in (0, 3):
+        image[..., ch][bright] = 170
+        image[..., ch][dim] = 60
+    for cx in (130, 330):
+        image[..., 2][((yy - 128) ** 2 + (xx - cx) ** 2) < 30**2] = 220
+    seg = make_segmenter("classical", reference_side=700)
+    cells, _ = seg.segment(image)
+    left = cells[128, 130]
+    right = cells[128, 330]
+    assert left and right and left != right
+    row = cells[128]
+    edge = int(np.flatnonzero(row == right).min())
+    assert abs(edge - 260) <= 6, f"boundary at x={edge}, the step is at x=260"

@@ -108,3 +108,17 @@ def test_split_by_image_keeps_fields_whole(sim_dir, tmp_path):
     tr, va = split_by_image(crops, 0.25, seed=0)
     assert len(tr) and len(va) and len(tr) + len(va) == len(crops)
     assert not set(crops.fields[tr]) & set(crops.fields[va])
+
+
+def test_threaded_crops_equal_one_by_one(sim_dir):
+    """Cropping a field's cells over several threads gives each cell's own crop, in order."""
+    from locus.service.crop import CropRule, crop_cell
+
+    ref = find_fields(sim_dir)[0]
+    image = load_field(ref)
+    labels = load_truth(sim_dir, ref.id).cells.astype(np.int32)
+    rule = CropRule(size=32)
+    ids, batch = crop_cells(image, labels, rule)
+    assert len(ids) >= 8, "enough cells to be shared out"
+    for k, cid in enumerate(ids):
+        np.testing.assert_array_equal(batch[k], crop_cell(image, labels, cid, rule))

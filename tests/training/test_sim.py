@@ -220,3 +220,27 @@ def test_realistic_cell_and_nucleus_details():
     assert multi >= 1, "some cells hold two nuclei"
     assert overlap > 0, "some cells overlap a neighbour"
     assert np.percentile(elong, 90) > 2.0, "a share of the cells is drawn out (teardrop / spindle)"
+
+
+def test_small_scales_integrate_pixels():
+    """At a low magnification each pixel averages the light over its area, as a camera pixel does.
+
+    A 256² field at scale 0.25 is drawn at 512² (scale 0.5) and area-reduced: it equals the 512² field
+    of the same draw reduced by two, within the rounding of the two quantisations (one grey level) where
+    the 512² draw did not saturate, and
+    its truth is the label at each pixel's centre. Without integration the same field is point-sampled.
+    """
+    kw = {"noise": 0.0, "illumination": 0.0}
+    small = generate_field(0, 5, SimConfig(size=256, cell_diameter_px=83.75, **kw))
+    large = generate_field(0, 5, SimConfig(size=512, cell_diameter_px=167.5, max_supersample=1, **kw))
+    assert small.image.shape == (256, 256, 4) and small.cells.shape == (256, 256)
+    reduced = cv2.resize(large.image.astype(np.float32), (256, 256), interpolation=cv2.INTER_AREA)
+    diff = np.abs(reduced - small.image.astype(np.float32))
+    # Saturation is the camera's, after integration: only where the 512² draw clipped do they differ more.
+    clipped = cv2.resize((large.image == 255).astype(np.float32), (256, 256), interpolation=cv2.INTER_AREA) > 0
+    assert float(diff[~clipped].max()) <= 1.0
+    assert clipped.mean() < 0.01
+    np.testing.assert_array_equal(small.cells, np.asarray(large.cells)[1::2, 1::2])
+    np.testing.assert_array_equal(small.nuclei, np.asarray(large.nuclei)[1::2, 1::2])
+    point = generate_field(0, 5, SimConfig(size=256, cell_diameter_px=83.75, max_supersample=1, **kw))
+    assert not np.array_equal(point.image, small.image)
