@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 import cv2
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import watershed
+from skimage.segmentation import expand_labels, watershed
 
 from locus.service.imaging import to_unit255
 from locus.service.segmentation.base import check_field
@@ -511,6 +511,11 @@ class ClassicalSegmenter:
             disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
             halo = (cyto < np.float32(0.5) * cv2.dilate(cyto, disc)) & (cv2.erode(cyto, disc) <= np.float32(level))
             landscape[halo] = float(landscape.max()) + 1.0
+            # A nucleus' own edge is a crest of the gradient too, but no cell boundary: each nucleus' seed takes the
+            # ring its edge's smoothing spreads over, or a neighbour could flood the cytoplasm around it first.
+            grown = expand_labels(nuclei, distance=max(1.0, 2.0 * max(cfg.boundary_sigma * ref, 0.5)))
+            seeds = np.where(fg, grown, 0)
+            return watershed(landscape, seeds, mask=fg).astype(np.int32, copy=False)
         return watershed(landscape, nuclei, mask=fg).astype(np.int32, copy=False)
 
     # --------------------------------------------------------------- public

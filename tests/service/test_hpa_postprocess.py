@@ -182,7 +182,8 @@ def sim_truth(index: int, seed: int = 3, size: int = 512, cell_scale: float = 1.
 
     from locus.training.sim.generator import SimConfig, generate_field
 
-    f = generate_field(index, seed, SimConfig(size=size, cell_scale=cell_scale))
+    # Label maps only: drawn at map scale (no pixel integration: its centre-sampled truth can cut thin necks).
+    f = generate_field(index, seed, SimConfig(size=size, cell_scale=cell_scale, max_supersample=1))
     n_true = int(max(f.cells.max(), f.nuclei.max()))
     area = np.bincount(f.nuclei.ravel(), minlength=n_true + 1)
     pieces = sk_label(f.nuclei, connectivity=2)
