@@ -67,8 +67,9 @@ TRAIN_MIX: tuple[tuple[int, tuple[float, float], float], ...] = (
     (2048, (300.0, 500.0), 0.12),
 )
 
-#: Held-out field sizes and how many fields of each (magnification follows the size: cells ~0.16 x side).
-HELDOUT_SIZES: dict[int, int] = {512: 16, 1024: 12, 1536: 10, 2048: 8, 3072: 6}
+#: Held-out field sizes and how many fields of each (magnification follows the size: cells ~0.16 x side). 24 fields
+#: is one whole cycle of primary classes (``generator._PRIMARY_CYCLE``), so every class is measured at every size.
+HELDOUT_SIZES: dict[int, int] = {512: 24, 1024: 24, 1536: 24, 2048: 24, 3072: 24}
 
 #: Real fields with image labels only, for validation (never trained on): (folder, labels; None: its train.csv).
 #: 89_B5_1's label (Endoplasmic reticulum) is the one given in ../shared/hpa-samples/README.md.
@@ -99,7 +100,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--heldout-scale",
         type=float,
         default=1.0,
-        help="multiplier on the held-out fields per size (default 1: 16/12/10/8/6 at 512²..3072²)",
+        help="multiplier on the held-out fields per size (default 1: 24 at each size, one cycle of primary classes)",
     )
     parser.add_argument(
         "--sizes",
@@ -708,6 +709,8 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     if candidate.exists():
         shutil.rmtree(candidate)
     export_model_folder(result.model, candidate, config, result.thresholds, summary, parity, with_grad=not args.no_grad)
+    for plot in sorted((result.run_dir / "plots").glob("*.png")):  # the training plots the card shows
+        shutil.copy2(plot, candidate / plot.name)
     t_export = time.time()
     report: dict[str, Any] = {
         "seconds_sim": round(t_sim, 1),
@@ -777,9 +780,29 @@ def _evaluate_and_install(
             )
         if progress:
             print(f"kept {out}: the candidate (in {candidate}) is not measured better", flush=True)
+    if replace:
+        report["bioimageio"] = _bioimageio_package(out)
     report["seconds_total"] = round(time.time() - t0, 1)
-    (work / "default_model_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(report, indent=2) + "\n"
+    (work / "default_model_report.json").write_text(text, encoding="utf-8")
+    if replace:
+        (out / "default_model_report.json").write_text(text, encoding="utf-8")
     return report
+
+
+def _bioimageio_package(out: Path) -> str:
+    """Write the installed model's BioImage.IO package (weights referenced) into ``out/bioimageio``, if possible."""
+    try:
+        import bioimageio.spec  # noqa: F401
+    except ImportError:
+        return "skipped: bioimageio.spec is not installed (the [bioimageio] extra)"
+    from locus.training.bioimageio_export import BioimageioExportError, export_bioimageio
+
+    try:
+        export_bioimageio(out, out / "bioimageio", weights="reference")
+    except BioimageioExportError as exc:
+        return f"failed: {exc}"
+    return str(out / "bioimageio")
 
 
 def run(args: argparse.Namespace) -> int:
