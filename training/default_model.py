@@ -70,6 +70,8 @@ TRAIN_MIX: tuple[tuple[int, tuple[float, float], float], ...] = (
 #: Held-out field sizes and how many fields of each (magnification follows the size: cells ~0.16 x side). 24 fields
 #: is one whole cycle of primary classes (``generator._PRIMARY_CYCLE``), so every class is measured at every size.
 HELDOUT_SIZES: dict[int, int] = {512: 24, 1024: 24, 1536: 24, 2048: 24, 3072: 24}
+#: First held-out field index: a multiple of the cycle length (24), so the 24 fields are one whole cycle.
+HELDOUT_START = 100_008
 
 #: Real fields with image labels only, for validation (never trained on): (folder, labels; None: its train.csv).
 #: 89_B5_1's label (Endoplasmic reticulum) is the one given in ../shared/hpa-samples/README.md.
@@ -183,7 +185,7 @@ def _heldout_sets(
     for size in sizes:
         n = max(2, int(round(HELDOUT_SIZES.get(size, 6) * scale)))
         out[size] = _simulate(
-            work / f"sim-heldout-{size}", n, seed, SimConfig(size=size), 100_000, workers, keep, progress
+            work / f"sim-heldout-{size}", n, seed, SimConfig(size=size), HELDOUT_START, workers, keep, progress
         )
     return out
 
