@@ -1,9 +1,11 @@
 """Outputs pinned: the cells, masks and labels of the real sample and of an HPA-sim field do not drift.
 
 Speed work (decoding, segmentation, crops) must leave the answer as it was. The pins in
-``tests/data/pinned/*.json`` were written before the speed work; each records the model's
-sha256, and labels are compared only while the same model answers (a retrained model changes
-labels on purpose: re-pin with ``LOCUS_REPIN=1 pytest tests/service/test_pinned_outputs.py``).
+``tests/data/pinned/*.json`` were first written before the speed work (commit 46aabb2) and re-pinned
+once, on purpose, with the gradient cell landscape and model 3.0.0 (the speed work after it was checked
+identical against those outputs); each records the model's sha256, and labels are compared only while
+the same model answers (a retrained model changes labels on purpose: re-pin with
+``LOCUS_REPIN=1 pytest tests/service/test_pinned_outputs.py``).
 """
 
 from __future__ import annotations
