@@ -80,9 +80,11 @@ def test_calls_match_the_truth_on_held_out_hpa_sim_fields(client, fields):
 
 
 @pytest.mark.slow
-def test_attributions_decode_to_the_cell_box_and_converge(client, fields):
-    f = fields[0]
-    params = {"attributions": "true", "include_masks": "false", "ig_steps": "16"}  # convergence: see the median below
+def test_attributions_decode_to_the_cell_box_and_converge(client):
+    # The service's default 64 steps (model 3.0.0 needs them: at 16 steps its median completeness error is ~0.3, at
+    # 64 steps 0.002), on a small held-out field so the test stays short.
+    f = generate_field(0, 424242, SimConfig(size=256))
+    params = {"attributions": "true", "include_masks": "false", "ig_steps": "64"}
     r = client.post("/classify", files=_files(f.image), params=params)
     assert r.status_code == 200, r.text
     body = r.json()
