@@ -32,6 +32,29 @@ def _draining_server_class():
     return DrainingServer
 
 
+def _bound_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would) unless the environment already sets it.
+
+    Decode, crop and ONNX Runtime threads each get an arena of their own by default (up to 8 per core), and
+    freed crop windows stay in them: measured, the peak of 2 running + 2 queued 16-bit 2048² requests rose
+    ~80 MB over the memory formula with the crop threads; with 2 arenas it stays within it. No effect
+    off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-8, int(arenas))  # M_ARENA_MAX
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     """Start uvicorn on the app; returns when the server stops (SIGINT/SIGTERM drain gracefully)."""
     import uvicorn
@@ -51,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if v is not None
     }
     settings = Settings(**overrides)
+    _bound_malloc_arenas()
     app = create_app(settings)
     config = uvicorn.Config(
         app,
