@@ -24,6 +24,7 @@ def fields() -> list[SimField]:
     return [generate_field(i, 7, SMALL) for i in range(50)]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_bytes():
     a = generate_field(3, 11, SMALL)
     b = generate_field(3, 11, SMALL)
@@ -34,6 +35,7 @@ def test_same_seed_gives_identical_bytes():
     assert not np.array_equal(a.image, c.image)
 
 
+@pytest.mark.slow
 def test_field_alone_equals_field_in_batch(tmp_path: Path):
     out = write_dataset(tmp_path / "ds", 3, seed=5, config=SMALL, workers=2, progress=False)
     alone = generate_field(2, 5, SMALL)
@@ -81,6 +83,7 @@ def test_bit_depths():
         SimConfig(bit_depth=12)
 
 
+@pytest.mark.slow
 def test_written_layout(tmp_path: Path):
     cfg = SimConfig(size=256, bit_depth=16)
     out = write_dataset(tmp_path / "ds", 3, seed=1, config=cfg, workers=1, progress=False)
@@ -171,6 +174,7 @@ def _whole_cell_diameters(cells: np.ndarray) -> list[float]:
     return [2.0 * np.sqrt(c / np.pi) for i, c in zip(ids, counts, strict=True) if i > 0 and int(i) not in border]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("size", "diameter"), [(256, 40.0), (384, 90.0), (512, 150.0)])
 def test_cell_diameter_sets_cell_size_in_pixels(size: int, diameter: float):
     """The median whole-cell diameter on the truth masks is the one asked for, whatever the field size."""
@@ -182,6 +186,7 @@ def test_cell_diameter_sets_cell_size_in_pixels(size: int, diameter: float):
     assert abs(np.median(d) / diameter - 1.0) < 0.2, (np.median(d), diameter)
 
 
+@pytest.mark.slow
 def test_field_size_and_magnification_are_independent():
     """Same magnification, bigger field: same cell size, more cells; pixel size maps to the same scale."""
     small = [generate_field(i, 3, SimConfig(size=256, cell_diameter_px=50.0)) for i in range(3)]
@@ -202,6 +207,7 @@ def test_field_size_and_magnification_are_independent():
         SimConfig(cell_diameter_px=100.0, pixel_size_um=0.1)
 
 
+@pytest.mark.slow
 def test_realistic_cell_and_nucleus_details():
     """Teardrop/spindle cells (elongated outlines), binucleate cells and overlap zones occur."""
     fields = [generate_field(i, 9, SimConfig(size=384, cell_diameter_px=70.0)) for i in range(6)]
