@@ -66,6 +66,7 @@ __all__ = [
     "ClassicalSegmenter",
     "fill_holes",
     "h_maxima",
+    "log_otsu_threshold",
     "normalise_channel",
     "otsu_threshold",
 ]
@@ -209,6 +210,31 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
     if var_t <= 0:
         return float(edges[k + 1]), 0.0
     return float(edges[k + 1]), float(between[k] / var_t)
+
+
+def log_otsu_threshold(values: np.ndarray, gain: float, factor: float = 1.0) -> float:
+    """Otsu's threshold of values in [0, 1] found on ``log1p(gain x)``, times ``factor`` there, in linear units.
+
+    On the log scale dim objects beside bright ones are separated from the background too (the nuclei and,
+    with the gradient landscape, the cell foreground use it).
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        float32 values in [0, 1].
+    gain : float
+        ``gain`` of ``log1p(gain x)``, > 0.
+    factor : float
+        Multiplier of the threshold on the log scale.
+
+    Returns
+    -------
+    float
+        The threshold on the values' own scale.
+    """
+    logged = np.log1p(values * np.float32(gain)) * np.float32(1.0 / math.log1p(gain))
+    thr_log, _ = otsu_threshold(logged)
+    return math.expm1(thr_log * factor * math.log1p(gain)) / gain
 
 
 def normalise_channel(
@@ -416,10 +442,7 @@ class ClassicalSegmenter:
         if sep < cfg.min_separability:
             return np.zeros(blue.shape, dtype=np.int32)
         if cfg.nucleus_log_gain > 0:
-            g = cfg.nucleus_log_gain
-            logged = np.log1p(smooth * np.float32(g)) * np.float32(1.0 / math.log1p(g))
-            thr_log, _ = otsu_threshold(logged)
-            thr = math.expm1(thr_log * cfg.nucleus_threshold_factor * math.log1p(g)) / g
+            thr = log_otsu_threshold(smooth, cfg.nucleus_log_gain, cfg.nucleus_threshold_factor)
         else:
             thr *= cfg.nucleus_threshold_factor
         mask = smooth > thr
@@ -475,10 +498,7 @@ class ClassicalSegmenter:
         raw = norm[:, :, list(cfg.cell_channels)].max(axis=2)
         cyto = cv2.GaussianBlur(raw, (0, 0), max(cfg.cell_sigma * ref, 0.5))
         if cfg.cell_threshold_log:
-            g = 100.0
-            logged = np.log1p(cyto * np.float32(g)) * np.float32(1.0 / math.log1p(g))
-            thr_log, _ = otsu_threshold(logged)
-            thr = math.expm1(thr_log * cfg.cell_threshold_factor * math.log1p(g)) / g
+            thr = log_otsu_threshold(cyto, 100.0, cfg.cell_threshold_factor)
         else:
             thr = cfg.cell_threshold_factor * otsu_threshold(cyto)[0]
         level = max(cfg.cell_threshold_floor, thr)
