@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["CellRecord", "cell_records"]
+__all__ = ["CellRecord", "cell_records", "label_mask"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,26 @@ class CellRecord:
         data["bbox"] = list(self.bbox)
         data["centroid"] = list(self.centroid)
         return data
+
+
+def label_mask(labels: np.ndarray, value: int) -> np.ndarray:
+    """``labels == value`` as a 0/255 ``uint8`` mask (OpenCV's compare for ``int32``, several times numpy's speed).
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (H, W) integer label image.
+    value : int
+        The label.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) ``uint8``, 255 where ``labels == value``.
+    """
+    if labels.dtype == np.int32 and min(labels.shape) > 4:  # (OpenCV reads arrays of <= 4 rows or columns as scalars)
+        return cv2.compare(labels, int(value), cv2.CMP_EQ)
+    return (labels == value).astype(np.uint8) * np.uint8(255)
 
 
 def cell_records(labels: np.ndarray) -> list[CellRecord]:
@@ -84,17 +104,11 @@ def cell_records(labels: np.ndarray) -> list[CellRecord]:
         if sl is None:
             continue
         rs, cs = sl
-        box = labels[sl]
-        if box.dtype == np.int32 and min(box.shape) > 4:  # (OpenCV reads arrays of <= 4 rows or columns as scalars)
-            # OpenCV's moments of the 0/255 mask: integer sums, so area and centroid are exactly numpy's
-            # (pixel count; mean row and column, one rounding each), in a fraction of the time.
-            m = cv2.moments(cv2.compare(box, idx, cv2.CMP_EQ), binaryImage=True)
-            area = int(m["m00"])
-            centroid = (float(m["m01"] / m["m00"] + rs.start), float(m["m10"] / m["m00"] + cs.start))
-        else:
-            rows, cols = np.nonzero(box == idx)
-            area = int(rows.size)
-            centroid = (float(rows.mean() + rs.start), float(cols.mean() + cs.start))
+        # OpenCV's moments of the 0/255 mask: integer sums, so area and centroid are exactly numpy's
+        # (pixel count; mean row and column, one rounding each), in a fraction of the time.
+        m = cv2.moments(label_mask(labels[sl], idx), binaryImage=True)
+        area = int(m["m00"])
+        centroid = (float(m["m01"] / m["m00"] + rs.start), float(m["m10"] / m["m00"] + cs.start))
         touches = rs.start == 0 or cs.start == 0 or rs.stop == h or cs.stop == w
         records.append(
             CellRecord(
