@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from locus.training.sim.generator import PRIMARY_CYCLE_LENGTH
+
 __all__ = [
     "DEFAULTS",
     "HELDOUT_SIZES",
@@ -67,11 +69,11 @@ TRAIN_MIX: tuple[tuple[int, tuple[float, float], float], ...] = (
     (2048, (300.0, 500.0), 0.12),
 )
 
-#: Held-out field sizes and how many fields of each (magnification follows the size: cells ~0.16 x side). 24 fields
-#: is one whole cycle of primary classes (``generator._PRIMARY_CYCLE``), so every class is measured at every size.
-HELDOUT_SIZES: dict[int, int] = {512: 24, 1024: 24, 1536: 24, 2048: 24, 3072: 24}
-#: First held-out field index: a multiple of the cycle length (24), so the 24 fields are one whole cycle.
-HELDOUT_START = 100_008
+#: Held-out field sizes and how many fields of each (magnification follows the size: cells ~0.16 x side): one whole
+#: block of the primary-class cycle (24 fields), so every class is measured at every size.
+HELDOUT_SIZES: dict[int, int] = dict.fromkeys((512, 1024, 1536, 2048, 3072), PRIMARY_CYCLE_LENGTH)
+#: First held-out field index: the first block of the cycle at or after field 100000 (100008).
+HELDOUT_START = -(-100_000 // PRIMARY_CYCLE_LENGTH) * PRIMARY_CYCLE_LENGTH
 
 #: Real fields with image labels only, for validation (never trained on): (folder, labels; None: its train.csv).
 #: 89_B5_1's label (Endoplasmic reticulum) is the one given in ../shared/hpa-samples/README.md.

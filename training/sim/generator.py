@@ -43,6 +43,7 @@ __all__ = [
     "REF_CELL_DIAMETER_PX",
     "REF_PIXEL_SIZE_UM",
     "MIN_RENDER_SCALE",
+    "PRIMARY_CYCLE_LENGTH",
     "SIM_VERSION",
     "SimConfig",
     "SimField",
@@ -69,6 +70,9 @@ MITOTIC_SPINDLE = 11
 #: localisations) and a few others more often. Each block of consecutive fields uses a seeded permutation
 #: of this cycle, so every class is a primary localisation in every block and no class is starved.
 _PRIMARY_CYCLE: tuple[int, ...] = tuple(range(NUM_CLASSES - 1)) + (0, 16, 0, 16, 13, 2)
+#: Fields per block of the cycle: fields ``b * PRIMARY_CYCLE_LENGTH`` to ``(b + 1) * PRIMARY_CYCLE_LENGTH - 1`` hold
+#: every class as a primary localisation (a held-out set that starts on a block and has this many fields sees them all).
+PRIMARY_CYCLE_LENGTH = len(_PRIMARY_CYCLE)
 _CYCLE_SALT = 0x48504153494D  # "HPASIM": keeps the cycle's seed stream apart from the fields' streams
 
 
