@@ -655,7 +655,9 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
-    train_dirs = _train_sets(work, args.fields, args.seed, args.workers, args.keep_data, progress)
+    eval_only = bool(getattr(args, "eval_only", False))
+    # --eval-only measures a candidate already trained: the training sets are neither needed nor drawn.
+    train_dirs = [] if eval_only else _train_sets(work, args.fields, args.seed, args.workers, args.keep_data, progress)
     heldout = _heldout_sets(work, sizes, args.heldout_scale, args.seed + 1, args.workers, args.keep_data, progress)
     t_sim = time.time() - t0
     config = TrainConfig(
@@ -682,7 +684,7 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
         verbose=2 if progress else 0,
     )
     candidate = work / "candidate"
-    if getattr(args, "eval_only", False):
+    if eval_only:
         if not (candidate / "manifest.json").is_file():
             raise ValueError(f"--eval-only: no candidate model in {candidate}")
         return _evaluate_and_install(args, candidate, heldout, {"seconds_sim": round(t_sim, 1)}, t0, progress)

@@ -337,3 +337,51 @@ def test_gradient_landscape_follows_a_dim_neighbour() -> None:
     row = cells[128]
     edge = int(np.flatnonzero(row == right).min())
     assert abs(edge - 260) <= 6, f"boundary at x={edge}, the step is at x=260"
+
+
+def _mitotic_field() -> tuple[np.ndarray, np.ndarray]:
+    """A 1024² field at reference scale: three interphase cells and one mitotic cell with a metaphase plate.
+
+    Returns the field and the mitotic cell's truth mask. The plate is a bright ellipse of semi-axes
+    30 x 7 px (716 px; HPA-sim draws 400-2500 reference px), whose smoothed outline stays under
+    HPA's 2500 px nucleus minimum.
+    """
+    h = w = 1024
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.full((h, w, 4), 4, np.uint8)
+    for cy, cx in ((250, 250), (250, 700), (720, 260)):
+        cell = (yy - cy) ** 2 + (xx - cx) ** 2 < 160**2
+        image[..., 0][cell] = 120
+        image[..., 3][cell] = 100
+        image[..., 2][(yy - cy) ** 2 + (xx - cx) ** 2 < 60**2] = 150
+    mitotic = (yy - 720) ** 2 + (xx - 720) ** 2 < 115**2
+    image[..., 0][mitotic] = 160
+    image[..., 3][mitotic] = 140
+    plate = np.zeros((h, w), np.uint8)
+    cv2.ellipse(plate, (720, 720), (30, 7), 30, 0, 360, 1, -1)
+    image[..., 2][plate > 0] = 230
+    image = cv2.GaussianBlur(image, (0, 0), 2)
+    return image, mitotic
+
+
+def test_mitotic_cell_with_a_thin_plate_is_segmented() -> None:
+    """A mitotic cell whose condensed chromatin is a thin plate under 2500 px gets its own cell.
+
+    HPA's 2500 px minimum (the earlier default) drops the plate's nucleus and with it the cell;
+    the default minimum keeps it, and the interphase cells are found either way.
+    """
+    image, mitotic = _mitotic_field()
+
+    def best_iou(cells: np.ndarray) -> float:
+        ids = np.unique(cells[mitotic])
+        ids = ids[ids > 0]
+        ious = [(cells == k)[mitotic].sum() / ((cells == k) | mitotic).sum() for k in ids]
+        return max(ious, default=0.0)
+
+    cells, nuclei = make_segmenter("classical", reference_side=1024).segment(image)
+    assert cells.max() == 4
+    assert best_iou(cells) >= 0.8
+    k = cells[720, 720]
+    assert k and (nuclei == k).sum() > 0
+    old, _ = make_segmenter("classical", reference_side=1024, min_nucleus_area=2500).segment(image)
+    assert old.max() == 3 and best_iou(old) < 0.6
