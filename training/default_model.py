@@ -27,6 +27,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -492,7 +493,8 @@ def _num(v: float | None) -> str:
 
 def _weakest(ev: dict[str, Any], k: int = 3) -> list[tuple[int, float]]:
     ap = np.array([[np.nan if v is None else v for v in s["ap"]] for s in ev["by_size"].values()], dtype=float)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class without held-out cells is all NaN
         mean = np.nanmean(ap, axis=0)
     order = [int(i) for i in np.argsort(np.where(np.isnan(mean), np.inf, mean)) if not np.isnan(mean[i])]
     return [(i, float(mean[i])) for i in order[:k]]
