@@ -5,9 +5,12 @@ Run from the repository root::
     python benchmarks/bench_segmentation.py                      # HPA-sim, 20 fields at 512², 5 at 2048²
     python benchmarks/bench_segmentation.py --n512 5 --n2048 1   # quicker
     python benchmarks/bench_segmentation.py --overlays docs      # also write the overlay PNGs
+    python benchmarks/bench_segmentation.py --iou 0.6 --seed 2022 --start 100008 --n512 48 --n2048 48
+                                   # the competition's IoU on the held-out fields of locus default-model
 
 Prints, per field size: cell F1 and mean IoU of matched cells (one-to-one matches
-at IoU >= 0.5), the same for nuclei, precision/recall, and seconds per field
+at IoU >= ``--iou``, 0.5 by default), the same for nuclei, precision/recall, the
+share of mitotic cells matched (HPA-sim marks them) and seconds per field
 (single thread). Fields come from HPA-sim (``locus.training.sim.generator``) when it is
 importable, otherwise from the simple drawn fields of the tests. It prints
 numbers; it does not assert anything.
@@ -28,57 +31,79 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from locus.service.metric import segmentation_scores  # noqa: E402
+from locus.service.metric import label_iou, segmentation_scores  # noqa: E402
 from locus.service.segmentation import make_segmenter  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "hpa-samples"
 
 
-def fields(n: int, side: int, seed: int) -> tuple[str, Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """(source name, iterator of (image, true cells, true nuclei)) at ``side``²."""
+Field = tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]
+
+
+def fields(n: int, side: int, seed: int, start: int = 0) -> tuple[str, Iterator[Field]]:
+    """(source name, iterator of (image, true cells, true nuclei, ids of mitotic cells)) at ``side``²."""
     try:
         from locus.training.sim.generator import SimConfig, generate_field
 
         config = SimConfig(size=side)
 
-        def gen() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-            for i in range(n):
+        def gen() -> Iterator[Field]:
+            for i in range(start, start + n):
                 f = generate_field(i, seed, config)
-                yield np.asarray(f.image), np.asarray(f.cells), np.asarray(f.nuclei)
+                yield np.asarray(f.image), np.asarray(f.cells), np.asarray(f.nuclei), list(f.mitotic)
 
         return "HPA-sim", gen()
     except ImportError:
         from tests.service.test_segmentation import draw_field
 
-        def drawn() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-            for i in range(n):
-                yield draw_field((side, side), seed=seed + i)
+        def drawn() -> Iterator[Field]:
+            for i in range(start, start + n):
+                yield (*draw_field((side, side), seed=seed + i), [])
 
         return "drawn test fields (HPA-sim not importable)", drawn()
 
 
-def run(n: int, side: int, seed: int, options: dict) -> dict[str, float]:
+def _matched_ids(pred: np.ndarray, true: np.ndarray, iou: float) -> set[int]:
+    """True cell ids with a predicted cell at IoU >= ``iou`` (at most one can be, for ``iou`` > 0.5)."""
+    _, tids, m = label_iou(pred, true)
+    if not m.size:
+        return set()
+    return {int(t) for t, best in zip(tids, m.max(axis=0), strict=True) if best >= iou}
+
+
+def run(n: int, side: int, seed: int, options: dict, iou: float = 0.5, start: int = 0) -> dict[str, float]:
     """Segment ``n`` fields at ``side``² and print and return averaged scores."""
-    source, it = fields(n, side, seed)
-    score = segmentation_scores
+    source, it = fields(n, side, seed, start)
     seg = make_segmenter("classical", **options)
     rows = []
-    for image, true_cells, true_nuclei in it:
+    mitotic = mitotic_matched = 0
+    for image, true_cells, true_nuclei, mitotic_ids in it:
         t0 = time.perf_counter()
         cells, nuclei = seg.segment(image)
         dt = time.perf_counter() - t0
-        c = score(cells, true_cells)
-        nu = score(nuclei, true_nuclei)
+        c = segmentation_scores(cells, true_cells, iou)
+        nu = segmentation_scores(nuclei, true_nuclei, iou)
         rows.append((c["f1"], c["mean_iou"], c["precision"], c["recall"], nu["f1"], nu["mean_iou"], dt))
+        if mitotic_ids:
+            mitotic += len(mitotic_ids)
+            mitotic_matched += len(_matched_ids(cells, true_cells, iou) & set(mitotic_ids))
     a = np.array(rows, dtype=np.float64)
     m = np.nanmean(a, axis=0)
     shape = image.shape
     print(
-        f"{shape[0]}x{shape[1]} x{len(rows)} [{source}]: cell F1 {m[0]:.3f}  mean IoU {m[1]:.3f}  "
-        f"P {m[2]:.3f} R {m[3]:.3f} | nucleus F1 {m[4]:.3f} IoU {m[5]:.3f} | {m[6]:.3f} s/field "
-        f"(min F1 {a[:, 0].min():.3f})"
+        f"{shape[0]}x{shape[1]} x{len(rows)} [{source}] IoU >= {iou}: cell F1 {m[0]:.3f}  mean IoU {m[1]:.3f}  "
+        f"P {m[2]:.3f} R {m[3]:.3f} | nucleus F1 {m[4]:.3f} IoU {m[5]:.3f} | "
+        f"mitotic cells matched {mitotic_matched}/{mitotic} | {m[6]:.3f} s/field (min F1 {a[:, 0].min():.3f})"
     )
-    return {"f1": m[0], "mean_iou": m[1], "nuclei_f1": m[4], "seconds": m[6]}
+    return {
+        "f1": m[0],
+        "mean_iou": m[1],
+        "nuclei_f1": m[4],
+        "seconds": m[6],
+        "recall": m[3],
+        "mitotic": mitotic,
+        "mitotic_matched": mitotic_matched,
+    }
 
 
 def overlay(image: np.ndarray, cells: np.ndarray, nuclei: np.ndarray, side: int = 800) -> np.ndarray:
@@ -147,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n512", type=int, default=20, help="fields at 512x512")
     p.add_argument("--n2048", type=int, default=5, help="fields at 2048x2048")
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--start", type=int, default=0, help="first HPA-sim field index (held-out sets: 100008)")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU of a match (the competition's: 0.6)")
     p.add_argument("--overlays", type=Path, default=None, help="folder to write the overlay PNGs into")
     p.add_argument("--option", action="append", default=[], help="classical option KEY=VALUE (repeatable)")
     args = p.parse_args(argv)
@@ -158,9 +185,9 @@ def main(argv: list[str] | None = None) -> None:
         options[key] = eval(value, {}, {})  # noqa: S307 - a developer's own command line
     print(f"scores: locus.service.metric.segmentation_scores; options: {options or 'defaults'}")
     if args.n512:
-        run(args.n512, 512, args.seed, options)
+        run(args.n512, 512, args.seed, options, args.iou, args.start)
     if args.n2048:
-        run(args.n2048, 2048, args.seed, options)
+        run(args.n2048, 2048, args.seed, options, args.iou, args.start)
     if args.overlays is not None:
         write_overlays(args.overlays, options, args.seed)
 
