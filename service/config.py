@@ -19,6 +19,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from locus.service.tta import TTA_VIEWS
+
 __all__ = [
     "PipelineSettings",
     "DEFAULT_MODEL_DIR",
@@ -172,6 +174,11 @@ class PipelineSettings(BaseSettings):
     max_wait_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="How long the batcher waits for cells of other requests to join a batch"
     )
+    tta: str = Field(
+        "1",
+        description="Test-time augmentation: each cell's scores averaged over 1, 2, 4 or 8 flipped/transposed views "
+        "of its crop; 'auto' = 8 when the model runs on a GPU, 1 on a CPU",
+    )
 
     # Attributions (integrated gradients)
     ig_steps: int = Field(IG_STEPS, ge=2, description="Default number of integrated-gradient steps")
@@ -189,6 +196,31 @@ class PipelineSettings(BaseSettings):
     max_image_pixels: int = Field(
         MAX_IMAGE_PIXELS, ge=1, description="Largest height x width of a channel, checked before decoding"
     )
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta(cls, value: object) -> object:
+        text = str(value).strip().lower()
+        if text != "auto" and text not in {str(v) for v in TTA_VIEWS}:
+            raise ValueError(f"LOCUS_TTA must be auto, 1, 2, 4 or 8, got {value!r}")
+        return text
+
+    def resolved_tta(self, on_gpu: bool) -> int:
+        """Test-time augmentation views: the setting, or for ``auto`` 8 on a GPU and 1 on a CPU.
+
+        Parameters
+        ----------
+        on_gpu : bool
+            Whether the classifier's session runs on a GPU provider.
+
+        Returns
+        -------
+        int
+            1, 2, 4 or 8.
+        """
+        if self.tta == "auto":
+            return 8 if on_gpu else 1
+        return int(self.tta)
 
     @field_validator("providers", mode="before")
     @classmethod

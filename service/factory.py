@@ -111,4 +111,5 @@ def build_pipeline(
         batcher = DynamicBatcher(
             classifier.predict, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1e3, on_batch=on_batch
         )
-    return Pipeline(classifier, seg, seg_name, batcher)
+    on_gpu = classifier.provider.primary in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    return Pipeline(classifier, seg, seg_name, batcher, tta=settings.resolved_tta(on_gpu))

@@ -24,6 +24,7 @@ from locus.service.encoding import encode_label_masks, format_prediction_string,
 from locus.service.inference import Classifier
 from locus.service.problems import InputError, WorkLimitError
 from locus.service.segmentation.base import Segmenter
+from locus.service.tta import TTA_VIEWS, average_views, check_views, stack_views
 
 __all__ = ["ClassifyOptions", "CellAttribution", "CellResult", "FieldResult", "Pipeline"]
 
@@ -70,6 +71,10 @@ class ClassifyOptions:
         With the ``hpa`` segmenter: reproduce HPA's official post-processing step by step (True) or
         use Locus's default with the two defect fixes (False); None: the segmenter's setting
         (``LOCUS_HPA_COMPAT``). Other segmenters refuse it.
+    tta : int, optional
+        Test-time augmentation: average each cell's scores over this many flipped/transposed views of
+        its crop (1, 2, 4 or 8; :mod:`locus.service.tta`). None: the pipeline's default (``LOCUS_TTA``).
+        Attributions explain the crop as it is (one view).
     """
 
     threshold: float | None = None
@@ -85,6 +90,7 @@ class ClassifyOptions:
     max_map_bytes: int | None = MAX_MAP_BYTES
     pixel_size: float | None = None
     hpa_compat: bool | None = None
+    tta: int | None = None
 
 
 @dataclass
@@ -205,6 +211,8 @@ class Pipeline:
     batcher : callable, optional
         ``batcher(batch) -> probabilities`` with a ``close()``; the service's dynamic batcher, so
         cells of concurrent requests share model batches. Default: ``classifier.predict``.
+    tta : int
+        Default test-time augmentation views (1, 2, 4 or 8) when a request does not choose.
     """
 
     def __init__(
@@ -213,11 +221,13 @@ class Pipeline:
         segmenter: Segmenter,
         segmenter_name: str | None = None,
         batcher: Callable[[np.ndarray], np.ndarray | None] | None = None,
+        tta: int = 1,
     ) -> None:
         self.classifier = classifier
         self.segmenter = segmenter
         self.segmenter_name = segmenter_name or getattr(segmenter, "name", "custom")
         self.batcher = batcher
+        self.tta = check_views(tta)
         self._predict = batcher or classifier.predict
 
     def check_options(self, options: ClassifyOptions) -> None:
@@ -231,8 +241,15 @@ class Pipeline:
         Raises
         ------
         InputError
-            422 ``invalid_parameter``: ``hpa_compat`` with a segmenter other than ``hpa``.
+            422 ``invalid_parameter``: ``hpa_compat`` with a segmenter other than ``hpa``; ``tta`` not 1,
+            2, 4 or 8.
         """
+        if options.tta is not None and options.tta not in TTA_VIEWS:
+            raise InputError(
+                f"tta: {options.tta} views; choose 1 (none), 2, 4 or 8 (the flips and transposes of each crop)",
+                field="tta",
+                code="invalid_parameter",
+            )
         if options.hpa_compat is not None and getattr(self.segmenter, "name", "") != "hpa":
             raise InputError(
                 f"hpa_compat: only the hpa segmenter has HPA's post-processing; this service runs "
@@ -240,6 +257,10 @@ class Pipeline:
                 field="hpa_compat",
                 code="invalid_parameter",
             )
+
+    def views(self, options: ClassifyOptions) -> int:
+        """Test-time augmentation views a request gets: its own ``tta``, else the pipeline's default."""
+        return self.tta if options.tta is None else options.tta
 
     def close(self) -> None:
         """Stop the batcher, if any."""
@@ -297,7 +318,11 @@ class Pipeline:
 
         check()
         t = time.perf_counter()
-        probs = self._predict(batch) if batch.shape[0] else np.zeros((0, NUM_CLASSES), dtype=np.float32)
+        views = self.views(options)
+        if batch.shape[0]:
+            probs = average_views(self._predict(stack_views(batch, views)), views)
+        else:
+            probs = np.zeros((0, NUM_CLASSES), dtype=np.float32)
         timings["classify"] = (time.perf_counter() - t) * 1e3
 
         if options.threshold is not None:

@@ -76,6 +76,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="pixel size of the images in micrometres: fields are resampled to the model's training scale for "
         "segmentation and cropping (masks stay at full resolution); default: no resampling",
     )
+    parser.add_argument(
+        "--tta",
+        choices=["auto", "1", "2", "4", "8"],
+        default=None,
+        help="test-time augmentation: average each cell's scores over 1, 2, 4 or 8 flipped/transposed views of its "
+        "crop (default LOCUS_TTA: 1; auto: 8 on a GPU, 1 on a CPU)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = parser.add_argument_group("Ray (--engine ray: whole collections on a Ray cluster, the [ray] extra)")
     ray.add_argument(
@@ -105,6 +112,7 @@ def predict_folder(
     formats: tuple[str, ...] | list[str] = (),
     format_dir: str | Path | None = None,
     pixel_size: float | None = None,
+    tta: int | None = None,
 ) -> dict[str, int]:
     """Classify every field of a folder and write the submission CSV.
 
@@ -135,6 +143,8 @@ def predict_folder(
         Their folder (default: the folder of ``out``).
     pixel_size : float, optional
         The images' pixel size in micrometres (:attr:`ClassifyOptions.pixel_size`); default no resampling.
+    tta : int, optional
+        Test-time augmentation views (:attr:`ClassifyOptions.tta`); default ``LOCUS_TTA``.
 
     Returns
     -------
@@ -146,7 +156,8 @@ def predict_folder(
     refs = find_fields(folder)
     if limit is not None:
         refs = refs[:limit]
-    options = ClassifyOptions(include_masks=True, include_scores=True, pixel_size=pixel_size)
+    options = ClassifyOptions(include_masks=True, include_scores=True, pixel_size=pixel_size, tta=tta)
+    pipeline.check_options(options)
     extra = None
     if formats:
         extra = FormatWriter(Path(format_dir) if format_dir else Path(out).parent, formats, resume=resume)
@@ -184,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "pixel_size", None) is not None:
             print("locus predict: --pixel-size is not supported with --engine ray yet", file=sys.stderr)
             return 2
+        if getattr(args, "tta", None) not in (None, "auto"):
+            print("locus predict: with --engine ray set LOCUS_TTA on the cluster instead of --tta", file=sys.stderr)
+            return 2
         return run_ray(args)
     try:
         stats = _run_local(args)
@@ -214,4 +228,5 @@ def _run_local(args: argparse.Namespace) -> dict[str, int]:
         formats=args.format,
         format_dir=args.format_dir,
         pixel_size=getattr(args, "pixel_size", None),
+        tta=None if getattr(args, "tta", None) in (None, "auto") else int(args.tta),
     )

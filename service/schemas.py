@@ -143,6 +143,11 @@ class ClassifyResponse(BaseModel):
     threshold: str | float = Field(
         description="'manifest' (per-class thresholds) or the single threshold used", examples=["manifest"]
     )
+    tta: int = Field(
+        1,
+        description="Test-time augmentation: views of each crop its scores are averaged over (1 = none)",
+        examples=[1],
+    )
     cell_count: int = Field(examples=[23])
     cells: list[CellOut]
     summary: list[ClassSummary] = Field(description="Per class called: cells and highest confidence")

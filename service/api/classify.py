@@ -206,6 +206,13 @@ async def classify(
             "false uses Locus's default (HPA's two merging defects fixed); default LOCUS_HPA_COMPAT",
         ),
     ] = None,
+    tta: Annotated[
+        int | None,
+        Query(
+            description="Test-time augmentation: average each cell's scores over 1, 2, 4 or 8 flipped/transposed "
+            "views of its crop (the classify stage costs that many times more); default LOCUS_TTA (1)",
+        ),
+    ] = None,
 ) -> ClassifyResponse | KaggleResponse | Response:
     """Segment the four-channel field, classify every cell into the 19 HPA classes, and answer per cell.
 
@@ -230,6 +237,7 @@ async def classify(
         ig_baseline=ig_baseline,
         pixel_size=pixel_size,
         hpa_compat=hpa_compat,
+        tta=tta,
     )
     if fmt in FORMATS:  # files are drawn from the label images; RLE masks would go unused
         options = dataclasses.replace(options, include_masks=False)
@@ -257,6 +265,7 @@ def _options(
     ig_baseline: str,
     pixel_size: float | None = None,
     hpa_compat: bool | None = None,
+    tta: int | None = None,
 ) -> ClassifyOptions:
     """The request's options, checked against what this model and these settings allow."""
     settings = state.settings
@@ -307,6 +316,7 @@ def _options(
         max_map_bytes=settings.max_map_bytes,
         pixel_size=pixel_size,
         hpa_compat=hpa_compat,
+        tta=tta,
     )
     state.pipeline.check_options(options)  # before admission: the pipeline's own check, not a copy of it
     return options
