@@ -220,5 +220,6 @@ class ModelInfo(BaseModel):
     provider: str = Field(examples=["CPUExecutionProvider"])
     providers_requested: list[str]
     segmenter: str = Field(examples=["classical"])
+    tta: int = Field(1, description="Test-time augmentation views a request gets unless it sets tta (LOCUS_TTA)")
     attributions: bool = Field(description="The model folder ships a gradient model")
     training: dict = Field(default_factory=dict, description="Training data summary and metrics from the manifest")

@@ -65,6 +65,7 @@ async def model_info(state: StateDep, _auth: Annotated[None, Depends(require_api
         provider=state.classifier.provider.primary,
         providers_requested=list(state.classifier.provider.requested),
         segmenter=state.segmenter_name,
+        tta=state.pipeline.tta,
         attributions=state.classifier.supports_attributions,
         training=m.training,
     )

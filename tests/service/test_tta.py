@@ -114,6 +114,7 @@ def test_api_tta_parameter(test_model_dir, synthetic_field) -> None:
     files = {c: (f"f_{c}.png", png_bytes(synthetic_field[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
     settings = Settings(model_dir=test_model_dir, providers=["CPUExecutionProvider"], log_json=False)
     with TestClient(create_app(settings)) as client:
+        assert client.get("/model").json()["tta"] == 1
         plain = client.post("/classify", files=files, params={"include_scores": "true"})
         four = client.post("/classify", files=files, params={"include_scores": "true", "tta": 4})
         assert plain.status_code == four.status_code == 200, four.text
