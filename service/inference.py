@@ -18,9 +18,13 @@ import onnxruntime as ort
 
 from locus.service.manifest import Manifest, ModelFolderError, load_manifest
 
-__all__ = ["Classifier", "ProviderReport", "create_session"]
+__all__ = ["GPU_PROVIDERS", "Classifier", "ProviderReport", "create_session"]
 
 log = logging.getLogger("locus.inference")
+
+
+#: ONNX Runtime execution providers that run the graph on a GPU.
+GPU_PROVIDERS: frozenset[str] = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
 
 
 @dataclass(frozen=True)
@@ -36,9 +40,14 @@ class ProviderReport:
         return self.obtained[0] if self.obtained else "none"
 
     @property
+    def on_gpu(self) -> bool:
+        """True when the graph runs on a GPU provider."""
+        return self.primary in GPU_PROVIDERS
+
+    @property
     def fell_back(self) -> bool:
         """True when a GPU provider was asked for but the session runs on the CPU."""
-        wants_gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in self.requested)
+        wants_gpu = any(p in GPU_PROVIDERS for p in self.requested)
         return wants_gpu and self.primary == "CPUExecutionProvider"
 
 
@@ -78,7 +87,7 @@ def create_session(
     available = set(ort.get_available_providers())
     if not _gpu_present():
         # onnxruntime-gpu lists CUDA even on hosts without a GPU and then logs an error when it fails to load it.
-        available -= {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+        available -= GPU_PROVIDERS
     chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

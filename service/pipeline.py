@@ -24,7 +24,7 @@ from locus.service.encoding import encode_label_masks, format_prediction_string,
 from locus.service.inference import Classifier
 from locus.service.problems import InputError, WorkLimitError
 from locus.service.segmentation.base import Segmenter
-from locus.service.tta import TTA_VIEWS, average_views, check_views, stack_views
+from locus.service.tta import average_views, check_views, stack_views
 
 __all__ = ["ClassifyOptions", "CellAttribution", "CellResult", "FieldResult", "Pipeline"]
 
@@ -244,12 +244,15 @@ class Pipeline:
             422 ``invalid_parameter``: ``hpa_compat`` with a segmenter other than ``hpa``; ``tta`` not 1,
             2, 4 or 8.
         """
-        if options.tta is not None and options.tta not in TTA_VIEWS:
-            raise InputError(
-                f"tta: {options.tta} views; choose 1 (none), 2, 4 or 8 (the flips and transposes of each crop)",
-                field="tta",
-                code="invalid_parameter",
-            )
+        if options.tta is not None:
+            try:
+                check_views(options.tta)
+            except ValueError:
+                raise InputError(
+                    f"tta: {options.tta} views; choose 1 (none), 2, 4 or 8 (the flips and transposes of each crop)",
+                    field="tta",
+                    code="invalid_parameter",
+                ) from None
         if options.hpa_compat is not None and getattr(self.segmenter, "name", "") != "hpa":
             raise InputError(
                 f"hpa_compat: only the hpa segmenter has HPA's post-processing; this service runs "

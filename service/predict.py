@@ -112,7 +112,7 @@ def predict_folder(
     formats: tuple[str, ...] | list[str] = (),
     format_dir: str | Path | None = None,
     pixel_size: float | None = None,
-    tta: int | None = None,
+    tta: str | int | None = None,
 ) -> dict[str, int]:
     """Classify every field of a folder and write the submission CSV.
 
@@ -143,21 +143,20 @@ def predict_folder(
         Their folder (default: the folder of ``out``).
     pixel_size : float, optional
         The images' pixel size in micrometres (:attr:`ClassifyOptions.pixel_size`); default no resampling.
-    tta : int, optional
-        Test-time augmentation views (:attr:`ClassifyOptions.tta`); default ``LOCUS_TTA``.
+    tta : str or int, optional
+        Test-time augmentation: 1, 2, 4, 8 or ``"auto"``, in place of the ``LOCUS_TTA`` setting.
 
     Returns
     -------
     dict
         ``{"fields": found, "done": written now, "skipped": already written, "cells": classified now}``.
     """
-    settings = PipelineSettings()
+    settings = PipelineSettings() if tta is None else PipelineSettings(tta=tta)
     pipeline = build_pipeline(settings, model_dir=model_dir, segmenter=segmenter)
     refs = find_fields(folder)
     if limit is not None:
         refs = refs[:limit]
-    options = ClassifyOptions(include_masks=True, include_scores=True, pixel_size=pixel_size, tta=tta)
-    pipeline.check_options(options)
+    options = ClassifyOptions(include_masks=True, include_scores=True, pixel_size=pixel_size)
     extra = None
     if formats:
         extra = FormatWriter(Path(format_dir) if format_dir else Path(out).parent, formats, resume=resume)
@@ -195,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "pixel_size", None) is not None:
             print("locus predict: --pixel-size is not supported with --engine ray yet", file=sys.stderr)
             return 2
-        if getattr(args, "tta", None) not in (None, "auto"):
+        if getattr(args, "tta", None) is not None:
             print("locus predict: with --engine ray set LOCUS_TTA on the cluster instead of --tta", file=sys.stderr)
             return 2
         return run_ray(args)
@@ -228,5 +227,5 @@ def _run_local(args: argparse.Namespace) -> dict[str, int]:
         formats=args.format,
         format_dir=args.format_dir,
         pixel_size=getattr(args, "pixel_size", None),
-        tta=None if getattr(args, "tta", None) in (None, "auto") else int(args.tta),
+        tta=getattr(args, "tta", None),
     )

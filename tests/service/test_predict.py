@@ -57,3 +57,22 @@ def test_predict_writes_submission_resumes_and_scores(sim_folder, test_model_dir
     assert r.returncode == 0, r.stderr
     mean = float(r.stdout.strip().splitlines()[-1].split(":")[1])
     assert 0.0 <= mean <= 1.0
+
+
+def test_predict_tta_flag_wins_over_the_setting(sim_folder, test_model_dir, tmp_path, monkeypatch):
+    """`--tta 4` gives four views whatever LOCUS_TTA says; `--tta auto` is one view on this CPU host."""
+    from locus.service.predict import predict_folder
+
+    monkeypatch.setenv("LOCUS_TTA", "2")
+    for flag, want in (("4", 4), ("auto", 1), (None, 2)):
+        json_dir = tmp_path / f"json-{flag}"
+        predict_folder(
+            sim_folder,
+            tmp_path / f"s-{flag}.csv",
+            model_dir=test_model_dir,
+            json_dir=json_dir,
+            limit=1,
+            progress=False,
+            tta=flag,
+        )
+        assert json.loads((json_dir / "sim_00000.json").read_text())["tta"] == want
