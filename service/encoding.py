@@ -38,6 +38,7 @@ __all__ = [
     "rle_to_kaggle",
     "kaggle_to_rle",
     "encode_label_masks",
+    "encode_runs",
     "format_prediction_string",
     "parse_prediction_string",
 ]
@@ -236,11 +237,47 @@ def encode_label_masks(labels: np.ndarray, ids: Iterable[int] | None = None) -> 
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     starts = np.concatenate(([0], change))
     ends = np.concatenate((change, [n]))
-    values = flat[starts]
+    return encode_runs(starts, ends, flat[starts], (h, w), ids)
+
+
+def encode_runs(
+    starts: np.ndarray,
+    ends: np.ndarray,
+    values: np.ndarray,
+    shape: tuple[int, int],
+    ids: Iterable[int] | None = None,
+) -> dict[int, dict]:
+    """COCO compressed RLE of every label, from the runs of a label image in column-major order.
+
+    Parameters
+    ----------
+    starts, ends : numpy.ndarray
+        Start and end (exclusive) of each run, as positions in the column-major flattened image, in
+        increasing order; runs of one label may touch (they are merged), runs of label 0 are ignored.
+    values : numpy.ndarray
+        The label of each run.
+    shape : tuple of int
+        (H, W) of the image.
+    ids : iterable of int, optional
+        Labels to encode (default: every non-zero label present); a label without runs gets an empty mask.
+
+    Returns
+    -------
+    dict of int to dict
+        ``{label: {"size": [H, W], "counts": str}}``, as :func:`encode_mask_coco` of ``labels == label``.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    n = h * w
     keep = values != 0
     starts, ends, values = starts[keep], ends[keep], values[keep]
     order = np.argsort(values, kind="stable")  # runs of one label stay in increasing position
     starts, ends, values = starts[order], ends[order], values[order]
+    if len(values) > 1:  # merge runs of one label that touch (never the case for maximal runs)
+        joined = (values[1:] == values[:-1]) & (starts[1:] == ends[:-1])
+        if joined.any():
+            first = np.concatenate(([True], ~joined))
+            last = np.concatenate((~joined, [True]))
+            starts, ends, values = starts[first], ends[last], values[first]
     present, first = np.unique(values, return_index=True)
     last = np.append(first[1:], len(values)) if len(first) else first
     bounds = {int(v): (int(a), int(b)) for v, a, b in zip(present, first, last, strict=True)}

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from locus.service.cells import CellRecord, cell_records
+from locus.service.cells import CellRecord
 from locus.service.classes import CLASS_NAMES, NUM_CLASSES
 from locus.service.config import IG_BASELINE, IG_BUDGET, IG_MAX_CELLS, IG_STEPS, MAX_MAP_BYTES
 from locus.service.crop import crop_cells
 from locus.service.encoding import encode_label_masks, format_prediction_string, rle_to_kaggle
 from locus.service.inference import Classifier
+from locus.service.labelgrid import LabelGrid
 from locus.service.problems import InputError, WorkLimitError
 from locus.service.segmentation.base import Segmenter
 from locus.service.tta import average_views, check_views, stack_views
@@ -136,8 +137,13 @@ class FieldResult:
     cells: list[CellResult]
     timings_ms: dict[str, float]
     cell_labels: np.ndarray
-    nuclei_labels: np.ndarray | None = None
-    """(H, W) nuclei label image, nucleus ``k`` inside cell ``k`` (pixels outside their cell are dropped)."""
+    nuclei_grid: LabelGrid | None = None
+    """The nuclei labels as the segmenter left them (:attr:`nuclei_labels` builds the full-resolution image)."""
+
+    @property
+    def nuclei_labels(self) -> np.ndarray | None:
+        """(H, W) nuclei label image, nucleus ``k`` inside cell ``k`` (pixels outside their cell are dropped)."""
+        return None if self.nuclei_grid is None else self.nuclei_grid.full()
 
     def summary(self) -> list[dict]:
         """Per class: cells called and the highest confidence over all cells, sorted by cells called.
@@ -298,25 +304,30 @@ class Pipeline:
 
         t = time.perf_counter()
         work = resample_to_model(image, options.pixel_size, self.classifier.manifest.pixel_size)
-        if options.hpa_compat is not None:
-            cell_work, nuclei_labels = self.segmenter.segment(work, hpa_compat=options.hpa_compat)
-        else:
-            cell_work, nuclei_labels = self.segmenter.segment(work)
-        cell_labels = labels_to_shape(cell_work, image.shape[:2])
-        nuclei_labels = labels_to_shape(nuclei_labels, image.shape[:2])
+        cells_grid, nuclei_grid = self._segment(work, options)
+        crop_labels = None
+        if work is not image:
+            # Resampled to the model's scale: crops are cut at that scale, masks come back at the image's.
+            crop_labels = cells_grid.full()
+            cells_grid = LabelGrid.identity(labels_to_shape(crop_labels, image.shape[:2]))
+            nuclei_grid = LabelGrid.identity(labels_to_shape(nuclei_grid.full(), image.shape[:2]))
         # The contract: nucleus k lies inside cell k; keep only what honours it, so ids are shared (a full-resolution
         # pass, skipped for backends that guarantee it; both label images are resized by the same nearest mapping).
         if not getattr(self.segmenter, "nuclei_in_cells", False):
-            nuclei_labels = np.where(nuclei_labels == cell_labels, nuclei_labels, 0).astype(np.int32, copy=False)
+            cl, nl = cells_grid.full(), nuclei_grid.full()
+            nuclei_grid = LabelGrid.identity(np.where(nl == cl, nl, 0).astype(np.int32, copy=False))
+        cell_labels = cells_grid.full()
         timings["segment"] = (time.perf_counter() - t) * 1e3
 
         check()
         t = time.perf_counter()
-        records = cell_records(cell_labels)
+        records = cells_grid.records()  # boxes, areas, centroids read from the working-size labels when there are any
         ids = [r.id for r in records]
         rule = self.classifier.crop_rule
-        boxes = {r.id: r.bbox for r in records} if cell_work is cell_labels else None  # found once, used twice
-        _, batch = crop_cells(work, cell_work, rule, ids, boxes)
+        if crop_labels is None:
+            _, batch = crop_cells(work, cell_labels, rule, ids, {r.id: r.bbox for r in records})
+        else:
+            _, batch = crop_cells(work, crop_labels, rule, ids)
         timings["crop"] = (time.perf_counter() - t) * 1e3
 
         check()
@@ -338,7 +349,7 @@ class Pipeline:
             )
             for i, r in enumerate(records)
         ]
-        nucleus_areas = np.bincount(nuclei_labels.ravel(), minlength=int(cell_labels.max(initial=0)) + 1)
+        nucleus_areas = nuclei_grid.areas(minlength=max(ids, default=0) + 1)
         for cell in cells:
             area = int(nucleus_areas[cell.record.id])
             cell.nucleus_area = area if area > 0 else None
@@ -351,16 +362,16 @@ class Pipeline:
         check()
         t = time.perf_counter()
         if options.include_masks and cells:
-            rles = encode_label_masks(cell_labels, ids)
+            rles = cells_grid.encode(ids)
             with_nucleus = [c.record.id for c in cells if c.nucleus_area is not None]
-            nuclei_rles = encode_label_masks(nuclei_labels, with_nucleus) if with_nucleus else {}
+            nuclei_rles = nuclei_grid.encode(with_nucleus) if with_nucleus else {}
             for cell in cells:
                 cell.mask = rles[cell.record.id]
                 cell.nucleus_mask = nuclei_rles.get(cell.record.id)
         timings["encode"] = (time.perf_counter() - t) * 1e3
         h, w = cell_labels.shape
         return FieldResult(
-            height=h, width=w, cells=cells, timings_ms=timings, cell_labels=cell_labels, nuclei_labels=nuclei_labels
+            height=h, width=w, cells=cells, timings_ms=timings, cell_labels=cell_labels, nuclei_grid=nuclei_grid
         )
 
     def _attribute(
@@ -408,6 +419,16 @@ class Pipeline:
             box = tuple(int(v) for v in cell.record.bbox)
             for amap in cell_maps:
                 cell.attributions.append(CellAttribution(amap, box, map_to_box(amap.attribution, box, rule)))
+
+    def _segment(self, work: np.ndarray, options: ClassifyOptions) -> tuple[LabelGrid, LabelGrid]:
+        """Cell and nucleus labels of the field, as grids (kept at the backend's working size when it has one)."""
+        if options.hpa_compat is not None:
+            cells, nuclei = self.segmenter.segment(work, hpa_compat=options.hpa_compat)
+        elif hasattr(self.segmenter, "segment_grids"):
+            return self.segmenter.segment_grids(work)
+        else:
+            cells, nuclei = self.segmenter.segment(work)
+        return LabelGrid.identity(cells), LabelGrid.identity(nuclei)
 
     @staticmethod
     def _targets(cell: CellResult, options: ClassifyOptions) -> list[int]:

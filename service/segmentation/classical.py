@@ -59,6 +59,7 @@ from scipy import ndimage
 from skimage.segmentation import expand_labels, watershed
 
 from locus.service.imaging import to_unit255
+from locus.service.labelgrid import LabelGrid
 from locus.service.segmentation.base import check_field
 
 __all__ = [
@@ -564,6 +565,30 @@ class ClassicalSegmenter:
         SegmentationError
             The array is not an (H, W, 4) ``uint8``/``uint16`` field.
         """
+        cells, nuclei = self.segment_grids(image)
+        return cells.full(), nuclei.full()
+
+    def segment_grids(self, image: np.ndarray) -> tuple[LabelGrid, LabelGrid]:
+        """Segment one field of view; the labels stay at the working size with their map to full resolution.
+
+        :meth:`segment` is ``(cells.full(), nuclei.full())`` of this; the pipeline reads boxes, areas and masks
+        from the grids without scanning the full-resolution images.
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            (H, W, 4) field in R, G, B, Y order, ``uint8`` or ``uint16``.
+
+        Returns
+        -------
+        cells, nuclei : LabelGrid
+            Cell labels ``1..n`` and nucleus labels (nucleus ``k`` inside cell ``k``), full size (H, W).
+
+        Raises
+        ------
+        SegmentationError
+            The array is not an (H, W, 4) ``uint8``/``uint16`` field.
+        """
         cfg = self.config
         check_field(image)
         H, W = image.shape[:2]
@@ -574,9 +599,9 @@ class ClassicalSegmenter:
             norm[:, :, c] = normalise_channel(work[:, :, c], cfg.low_percentile, cfg.high_percentile, cfg.min_contrast)
 
         nuclei = self.segment_nuclei(norm[:, :, 2], ref)
-        empty = np.zeros((H, W), dtype=np.int32)
         if not nuclei.any():
-            return empty, empty.copy()
+            empty = np.zeros((H, W), dtype=np.int32)
+            return LabelGrid.identity(empty), LabelGrid.identity(empty.copy())
 
         cells = self.segment_cells(norm, nuclei, ref)
         csizes = np.bincount(cells.ravel(), minlength=nuclei.max() + 1)
@@ -586,8 +611,9 @@ class ClassicalSegmenter:
         cells, lut = _relabel_sequential(cells, size=len(ckeep))
         new_nuclei = lut[nuclei]
         nuclei = np.where(new_nuclei == cells, new_nuclei, 0)
-
+        cells = np.ascontiguousarray(cells, dtype=np.int32)
+        nuclei = np.ascontiguousarray(nuclei, dtype=np.int32)
         if scale < 1.0:
-            cells = cv2.resize(cells.astype(np.int32), (W, H), interpolation=cv2.INTER_NEAREST_EXACT)
-            nuclei = cv2.resize(nuclei.astype(np.int32), (W, H), interpolation=cv2.INTER_NEAREST_EXACT)
-        return np.ascontiguousarray(cells, dtype=np.int32), np.ascontiguousarray(nuclei, dtype=np.int32)
+            # One nearest-neighbour map for both images, so nucleus k stays inside cell k at full resolution.
+            return LabelGrid.upsampled(cells, (H, W)), LabelGrid.upsampled(nuclei, (H, W))
+        return LabelGrid.identity(cells), LabelGrid.identity(nuclei)
