@@ -15,7 +15,8 @@ Steps
 2. Nuclei: the blue channel is smoothed and thresholded (Otsu on ``log1p(100 x)``,
    so dim nuclei next to bright ones are found), holes are filled, and touching
    nuclei are split by a watershed on the distance transform seeded by its
-   h-maxima. Each nucleus is then tightened to the pixels above half its own mean
+   h-maxima; parts joined by a shallow neck and alike in brightness (lobes, the two nuclei of a binucleate
+   cell) are joined again. Each nucleus is then tightened to the pixels above half its own mean
    brightness. A field whose blue channel is not bimodal (Otsu separability below
    ``min_separability``: pure noise, a blank image) has no nuclei.
 3. Cells: the cytoplasm signal is the maximum of the normalised red, blue and
@@ -106,6 +107,16 @@ class ClassicalConfig:
     split_h : float
         Depth (reference pixels of distance) of the h-maxima that seed the
         splitting of touching nuclei; larger splits less.
+    merge_depth : float
+        Parts the split cut from one nucleus mask are joined again when the neck between them is shallower than
+        this (reference pixels of distance: the smaller part's distance peak less the highest distance on their
+        shared edge) and their brightness is alike (``merge_contrast``): the lobes of one nucleus and the two
+        touching nuclei of a binucleate cell make one cell, as HPA-sim's truth and biology have it. 0 disables.
+    merge_contrast : float
+        Parts are joined only when the brighter one's mean (smoothed, normalised blue) is under this multiple of
+        the dimmer one's: condensed mitotic chromatin (about 1.6 times an interphase nucleus on the real mitotic
+        field) pressed against a neighbour's nucleus keeps its own cell; lobes of one nucleus on the real fields
+        differ by 1.03-1.35.
     nucleus_threshold_factor : float
         Multiplier of the Otsu threshold of the blue channel (in the log domain).
     nucleus_log_gain : float
@@ -153,6 +164,8 @@ class ClassicalConfig:
     cell_sigma: float = 6.0
     boundary_sigma: float = 2.0
     split_h: float = 12.0
+    merge_depth: float = 48.0
+    merge_contrast: float = 1.4
     nucleus_threshold_factor: float = 1.0
     nucleus_log_gain: float = 100.0
     nucleus_local_fraction: float = 0.5
@@ -330,8 +343,22 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
     return ((image - rec) >= hh).astype(np.uint8)
 
 
-def _split_nuclei(mask: np.ndarray, dist: np.ndarray, h: float) -> np.ndarray:
-    """Seeded watershed of a nucleus mask on its distance transform, seeds = h-maxima, box by box."""
+def _split_nuclei(
+    mask: np.ndarray,
+    dist: np.ndarray,
+    h: float,
+    intensity: np.ndarray | None = None,
+    merge_depth: float = 0.0,
+    merge_contrast: float = 1.0,
+) -> np.ndarray:
+    """Seeded watershed of a nucleus mask on its distance transform, seeds = h-maxima, box by box.
+
+    With ``merge_depth > 0``, two touching parts of one component are joined again when the neck between them is
+    shallow (the smaller of their distance peaks less the highest distance on their shared edge is under
+    ``merge_depth``) and they are equally bright (the ratio of their mean ``intensity`` is under ``merge_contrast``):
+    the lobes of one nucleus and the two nuclei of a binucleate cell are one nucleus, while condensed (bright)
+    mitotic chromatin pressed against a neighbour's nucleus stays apart, however wide the contact.
+    """
     comp, n = ndimage.label(mask)
     labels = np.zeros(mask.shape, dtype=np.int32)
     next_id = 1
@@ -347,9 +374,59 @@ def _split_nuclei(mask: np.ndarray, dist: np.ndarray, h: float) -> np.ndarray:
             next_id += 1
             continue
         ws = watershed(-d, markers, mask=own)
+        if merge_depth > 0 and intensity is not None:
+            ws, m = _merge_lobes(ws, m, d, intensity[sl], merge_depth, merge_contrast)
         labels[sl][own] = ws[own] + (next_id - 1)
         next_id += m
     return labels
+
+
+def _merge_lobes(
+    parts: np.ndarray, m: int, dist: np.ndarray, intensity: np.ndarray, depth: float, contrast: float
+) -> tuple[np.ndarray, int]:
+    """Join touching parts ``1..m`` of one nucleus mask whose neck is shallow and whose brightness is alike.
+
+    Returns the relabelled parts (``1..k``) and ``k``.
+    """
+    pairs: dict[tuple[int, int], float] = {}
+    for a, b, da, db in (
+        (parts[:, :-1], parts[:, 1:], dist[:, :-1], dist[:, 1:]),
+        (parts[:-1, :], parts[1:, :], dist[:-1, :], dist[1:, :]),
+    ):
+        edge = (a != b) & (a > 0) & (b > 0)
+        if not edge.any():
+            continue
+        lo = np.minimum(a[edge], b[edge])
+        hi = np.maximum(a[edge], b[edge])
+        height = np.minimum(da[edge], db[edge])
+        for i, j, v in zip(lo.tolist(), hi.tolist(), height.tolist(), strict=True):
+            if v > pairs.get((i, j), -1.0):
+                pairs[(i, j)] = v
+    if not pairs:
+        return parts, m
+    flat = parts.ravel()
+    peak = ndimage.maximum(dist, parts, index=np.arange(m + 1))
+    counts = np.bincount(flat, minlength=m + 1)
+    mean = np.bincount(flat, weights=intensity.ravel(), minlength=m + 1) / np.maximum(counts, 1)
+    root = np.arange(m + 1)
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for (i, j), saddle in sorted(pairs.items(), key=lambda kv: -kv[1]):  # widest necks first
+        shallow = min(peak[i], peak[j]) - saddle < depth
+        alike = max(mean[i], mean[j]) < contrast * max(min(mean[i], mean[j]), 1e-6)
+        if shallow and alike:
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                root[max(ri, rj)] = min(ri, rj)
+    final = np.array([find(i) for i in range(m + 1)])
+    ids = np.unique(final[1:])
+    lut = np.zeros(m + 1, dtype=np.int32)
+    lut[1:] = np.searchsorted(ids, final[1:]) + 1
+    return lut[parts], int(ids.size)
 
 
 def _relabel_sequential(labels: np.ndarray, size: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -466,7 +543,9 @@ class ClassicalSegmenter:
             return np.zeros(blue.shape, dtype=np.int32)
         dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
         dist = cv2.GaussianBlur(dist, (0, 0), max(1.0, 4.0 * ref))
-        labels = _split_nuclei(mask, dist, max(cfg.split_h * ref, 0.5))
+        labels = _split_nuclei(
+            mask, dist, max(cfg.split_h * ref, 0.5), smooth, cfg.merge_depth * ref, cfg.merge_contrast
+        )
         # Drop nuclei below the minimum area (judged before tightening, which shrinks dim ones).
         sizes = np.bincount(labels.ravel())
         keep = sizes >= min_area

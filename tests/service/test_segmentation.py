@@ -385,3 +385,54 @@ def test_mitotic_cell_with_a_thin_plate_is_segmented() -> None:
     assert k and (nuclei == k).sum() > 0
     old, _ = make_segmenter("classical", reference_side=1024, min_nucleus_area=2500).segment(image)
     assert old.max() == 3 and best_iou(old) < 0.6
+
+
+def _lobed_field() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 1024² field at reference scale: a binucleate cell, and a mitotic plate pressed against a neighbour's nucleus.
+
+    Returns the field, the binucleate cell's truth mask and the mitotic cell's truth mask. The binucleate cell's two
+    nuclei (radius 55, centres 90 px apart) are equally bright and touch along a wide neck; the condensed chromatin
+    (an ellipse of 30 x 45 px, about twice as bright as the interphase nucleus, as on the real mitotic field
+    b6a469d8) is pressed against the interphase nucleus of the cell beside it, and the smoothing joins them.
+    """
+    h = w = 1024
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.full((h, w, 4), 4, np.uint8)
+    binucleate = ((yy - 260) / 170.0) ** 2 + ((xx - 300) / 230.0) ** 2 < 1
+    image[..., 0][binucleate] = 120
+    image[..., 3][binucleate] = 100
+    for cx in (255, 345):
+        image[..., 2][(yy - 260) ** 2 + (xx - cx) ** 2 < 55**2] = 150
+    neighbour = (yy - 720) ** 2 + (xx - 330) ** 2 < 170**2
+    mitotic = ((yy - 720) ** 2 + (xx - 640) ** 2 < 140**2) & ~neighbour
+    image[..., 0][neighbour] = 120
+    image[..., 3][neighbour] = 100
+    image[..., 0][mitotic] = 170
+    image[..., 3][mitotic] = 150
+    image[..., 2][(yy - 720) ** 2 + (xx - 420) ** 2 < 65**2] = 120
+    plate = np.zeros((h, w), np.uint8)
+    cv2.ellipse(plate, (530, 720), (30, 45), 0, 0, 360, 1, -1)
+    image[..., 2][plate > 0] = 250
+    image = cv2.GaussianBlur(image, (0, 0), 2)
+    return image, binucleate, mitotic
+
+
+def test_binucleate_cell_is_one_cell_and_a_touching_mitotic_plate_is_not() -> None:
+    """The two nuclei of a binucleate cell make one cell; condensed chromatin touching a neighbour keeps its own.
+
+    Without the merge of shallow, equally bright necks (``merge_depth=0``) the binucleate cell is cut in two.
+    """
+    image, binucleate, mitotic = _lobed_field()
+
+    def best_iou(cells: np.ndarray, truth: np.ndarray) -> float:
+        ids = np.unique(cells[truth])
+        ious = [(cells == k)[truth].sum() / ((cells == k) | truth).sum() for k in ids[ids > 0]]
+        return max(ious, default=0.0)
+
+    cells, nuclei = make_segmenter("classical", reference_side=1024).segment(image)
+    check_contract(image, cells, nuclei)
+    assert cells.max() == 3
+    assert best_iou(cells, binucleate) >= 0.85
+    assert best_iou(cells, mitotic) >= 0.6
+    split, _ = make_segmenter("classical", reference_side=1024, merge_depth=0).segment(image)
+    assert split.max() == 4 and best_iou(split, binucleate) < 0.6
