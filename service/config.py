@@ -162,6 +162,12 @@ class PipelineSettings(BaseSettings):
         description="hpa backend: reproduce HPA's official post-processing, defects included "
         "(touching nuclei can merge); default: the defects fixed",
     )
+    cell_per_nucleus: bool = Field(
+        False,
+        description="classical backend: give every part of a split nucleus mask its own cell, as HPA's "
+        "segmentation (and so the HPA competition's masks) does; default: lobes and the two nuclei of a binucleate "
+        "cell make one cell",
+    )
 
     # ONNX Runtime
     providers: Annotated[list[str], NoDecode] = Field(
@@ -249,8 +255,11 @@ class PipelineSettings(BaseSettings):
         Returns
         -------
         dict
-            Keyword options for :func:`locus.service.segmentation.make_segmenter` (empty for ``classical``).
+            Keyword options for :func:`locus.service.segmentation.make_segmenter` (for ``classical`` only
+            ``merge_depth=0`` with :attr:`cell_per_nucleus`).
         """
+        if (name or self.segmenter) == "classical":
+            return {"merge_depth": 0.0} if self.cell_per_nucleus else {}
         if (name or self.segmenter) != "hpa":
             return {}
         return {

@@ -69,7 +69,7 @@ def build_segmenter(settings: PipelineSettings, name: str | None = None) -> tupl
     except Exception as exc:
         if settings.segmenter_fallback and name != "classical":
             log.error("segmenter %r could not start (%s); falling back to classical", name, exc)
-            return make_segmenter("classical"), "classical"
+            return make_segmenter("classical", **settings.segmenter_options("classical")), "classical"
         raise
 
 

@@ -436,3 +436,17 @@ def test_binucleate_cell_is_one_cell_and_a_touching_mitotic_plate_is_not() -> No
     assert best_iou(cells, mitotic) >= 0.6
     split, _ = make_segmenter("classical", reference_side=1024, merge_depth=0).segment(image)
     assert split.max() == 4 and best_iou(split, binucleate) < 0.6
+
+
+def test_cell_per_nucleus_setting_splits_the_binucleate_cell(monkeypatch) -> None:
+    """``LOCUS_CELL_PER_NUCLEUS=true`` gives each nucleus part its own cell, as HPA's segmentation does."""
+    from locus.service.config import PipelineSettings
+    from locus.service.factory import build_segmenter
+
+    image, _, _ = _lobed_field()
+    merged, _ = build_segmenter(PipelineSettings())[0].segment(image)
+    monkeypatch.setenv("LOCUS_CELL_PER_NUCLEUS", "true")
+    segmenter, name = build_segmenter(PipelineSettings())
+    assert name == "classical" and segmenter.config.merge_depth == 0
+    split, _ = segmenter.segment(image)
+    assert split.max() == merged.max() + 1  # the binucleate cell is two
