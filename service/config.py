@@ -181,9 +181,9 @@ class PipelineSettings(BaseSettings):
         2.0, ge=0.0, le=1000.0, description="How long the batcher waits for cells of other requests to join a batch"
     )
     tta: str = Field(
-        "1",
+        "auto",
         description="Test-time augmentation: each cell's scores averaged over 1, 2, 4 or 8 flipped/transposed views "
-        "of its crop; 'auto' = 8 when the model runs on a GPU, 1 on a CPU",
+        "of its crop; 'auto' (default) = 8 when the model runs on a GPU, 1 on a CPU",
     )
 
     # Attributions (integrated gradients)

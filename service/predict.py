@@ -81,7 +81,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "1", "2", "4", "8"],
         default=None,
         help="test-time augmentation: average each cell's scores over 1, 2, 4 or 8 flipped/transposed views of its "
-        "crop (default LOCUS_TTA: 1; auto: 8 on a GPU, 1 on a CPU)",
+        "crop (default LOCUS_TTA, auto: 8 on a GPU, 1 on a CPU)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = parser.add_argument_group("Ray (--engine ray: whole collections on a Ray cluster, the [ray] extra)")

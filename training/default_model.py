@@ -292,7 +292,8 @@ def evaluate_sizes(
     Returns
     -------
     dict
-        ``{"by_size": {size: score_folder(...)}, "mean_map", "worst_map", "worst_size", "seconds"}``.
+        ``{"by_size": {size: score_folder(...)}, "mean_map", "worst_map", "worst_size", "seconds", "tta"}`` (``tta``:
+        the test-time augmentation views the pipeline used).
     """
     from locus.service.config import PipelineSettings
     from locus.service.factory import build_pipeline
@@ -321,6 +322,7 @@ def evaluate_sizes(
         "worst_map": maps[worst] if worst is not None else None,
         "worst_size": worst,
         "seconds": round(time.time() - t0, 1),
+        "tta": pipeline.tta,
     }
 
 
@@ -514,7 +516,9 @@ def _card_sections(
     lines.append(
         "Held-out HPA-sim fields on a seed never used in training, through the service's own pipeline "
         "(classical segmentation, competition mAP at IoU 0.6). The magnification follows the field size "
-        "(cells about 0.16 x the field side across: ~80 px at 512², ~320 px at 2048², ~480 px at 3072²)."
+        "(cells about 0.16 x the field side across: ~80 px at 512², ~320 px at 2048², ~480 px at 3072²). "
+        f"Test-time augmentation: {ev.get('tta', 1)} view(s) per crop (the service's default where this ran: "
+        "`LOCUS_TTA=auto` averages 8 on a GPU and uses 1 on a CPU)."
     )
     head = f"| field | fields | cells | {names[0]} mAP | {names[1]} mAP | {names[0]} top-1 |"
     lines += ["", head, "|---:|---:|---:|---:|---:|---:|"]

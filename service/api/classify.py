@@ -210,7 +210,8 @@ async def classify(
         int | None,
         Query(
             description="Test-time augmentation: average each cell's scores over 1, 2, 4 or 8 flipped/transposed "
-            "views of its crop (the classify stage costs that many times more); default LOCUS_TTA (1)",
+            "views of its crop (the classify stage costs that many times more); default LOCUS_TTA (auto: 8 on a GPU, "
+            "1 on a CPU)",
         ),
     ] = None,
 ) -> ClassifyResponse | KaggleResponse | Response:

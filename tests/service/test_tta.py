@@ -63,10 +63,10 @@ def test_view_counts_are_checked(bad) -> None:
 
 def test_settings_default_auto_and_refusal(monkeypatch) -> None:
     monkeypatch.delenv("LOCUS_TTA", raising=False)
-    assert PipelineSettings().resolved_tta(on_gpu=True) == 1  # the default: no augmentation
-    monkeypatch.setenv("LOCUS_TTA", "auto")
-    assert PipelineSettings().resolved_tta(on_gpu=False) == 1
-    assert PipelineSettings().resolved_tta(on_gpu=True) == 8
+    assert PipelineSettings().resolved_tta(on_gpu=False) == 1  # the default, auto: none on a CPU,
+    assert PipelineSettings().resolved_tta(on_gpu=True) == 8  # all eight views on a GPU
+    monkeypatch.setenv("LOCUS_TTA", "1")
+    assert PipelineSettings().resolved_tta(on_gpu=True) == 1
     monkeypatch.setenv("LOCUS_TTA", "4")
     assert PipelineSettings().resolved_tta(on_gpu=False) == 4
     monkeypatch.setenv("LOCUS_TTA", "3")
@@ -86,7 +86,7 @@ def test_pipeline_scores_are_the_mean_over_views(pipeline, synthetic_field) -> N
     from locus.service.cells import cell_records
     from locus.service.crop import crop_cells
 
-    assert pipeline.tta == 1  # the default
+    assert pipeline.tta == 1  # the default on a CPU
     plain = pipeline.run(synthetic_field, ClassifyOptions())
     tta = pipeline.run(synthetic_field, ClassifyOptions(tta=8))
     assert len(plain.cells) == len(tta.cells) > 5
