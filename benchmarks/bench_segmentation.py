@@ -160,7 +160,7 @@ def write_overlays(folder: Path, options: dict, seed: int) -> None:
     else:
         print(f"real sample folder {SAMPLE} absent; segmentation_real.png not written")
     _, it = fields(1, 2048, seed)
-    image, true_cells, _ = next(it)
+    image, true_cells, _, _ = next(it)
     cells, nuclei = seg.segment(image)
     cv2.imwrite(str(folder / "segmentation_sim.png"), overlay(image, cells, nuclei)[:, :, ::-1])
     print(f"sim field {image.shape[:2]}: {cells.max()} cells predicted, {int(true_cells.max())} true")
