@@ -181,13 +181,17 @@ def _reduce_colour(img: np.ndarray, field: str | None) -> np.ndarray:
     peak = float(reduced.max()) if reduced.size else 0.0
     if peak > 0:
         step = max(1, flat.shape[0] // 50_000)  # ~50k pixels judge the hue coherence to +-0.005
-        sample = flat[::step].astype(np.float32)
-        bright = sample[sample.max(axis=1) > 0.2 * peak]
-        if bright.shape[0] >= 16:
-            unit = bright / np.linalg.norm(bright, axis=1, keepdims=True)
-            mean = unit.mean(axis=0)
+        # Column by column (numpy's reductions along a length-3 axis are several times slower).
+        sample = flat[::step]
+        r, g, b = (sample[:, k].astype(np.float32) for k in range(3))
+        bright = np.maximum(np.maximum(r, g), b) > 0.2 * peak
+        if int(bright.sum()) >= 16:
+            r, g, b = r[bright], g[bright], b[bright]
+            norm = np.sqrt(r * r + g * g + b * b)
+            r, g, b = r / norm, g / norm, b / norm
+            mean = np.array([r.mean(), g.mean(), b.mean()])
             mean /= np.linalg.norm(mean)
-            coherence = float((unit @ mean).mean())
+            coherence = float((r * mean[0] + g * mean[1] + b * mean[2]).mean())
             if coherence < _TINT_COHERENCE:
                 raise ImageError(
                     f"{field or 'image'}: a colour image whose pixels have different hues (colour coherence "
@@ -456,6 +460,9 @@ def stack_channels(channels: Mapping[str, np.ndarray] | Sequence[np.ndarray]) ->
         )
     if len({a.dtype for a in arrays}) > 1:
         arrays = [a.astype(np.uint16) * 257 if a.dtype == np.uint8 else a for a in arrays]
+    if all(a.ndim == 2 and a.dtype in (np.uint8, np.uint16) for a in arrays):
+        # OpenCV interleaves the four planes in one pass: numpy's stack is 2-8x slower (4.8 vs 0.6 ms at 2048²)
+        return cv2.merge(arrays).reshape(*arrays[0].shape, 4)
     return np.ascontiguousarray(np.stack(arrays, axis=-1))
 
 
