@@ -185,6 +185,12 @@ class PipelineSettings(BaseSettings):
         description="Test-time augmentation: each cell's scores averaged over 1, 2, 4 or 8 flipped/transposed views "
         "of its crop; 'auto' (default) = 8 when the model runs on a GPU, 1 on a CPU",
     )
+    field_context: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the field's mean scores in each cell's scores (0 = each cell's own scores)",
+    )
 
     # Attributions (integrated gradients)
     ig_steps: int = Field(IG_STEPS, ge=2, description="Default number of integrated-gradient steps")

@@ -111,4 +111,11 @@ def build_pipeline(
         batcher = DynamicBatcher(
             classifier.predict, max_batch=settings.max_batch, max_wait_s=settings.max_wait_ms / 1e3, on_batch=on_batch
         )
-    return Pipeline(classifier, seg, seg_name, batcher, tta=settings.resolved_tta(classifier.provider.on_gpu))
+    return Pipeline(
+        classifier,
+        seg,
+        seg_name,
+        batcher,
+        tta=settings.resolved_tta(classifier.provider.on_gpu),
+        field_context=settings.field_context,
+    )

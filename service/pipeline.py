@@ -21,6 +21,7 @@ from locus.service.classes import CLASS_NAMES, NUM_CLASSES
 from locus.service.config import IG_BASELINE, IG_BUDGET, IG_MAX_CELLS, IG_STEPS, MAX_MAP_BYTES
 from locus.service.crop import crop_cells
 from locus.service.encoding import encode_label_masks, format_prediction_string, rle_to_kaggle
+from locus.service.field_context import blend_field_context, check_weight
 from locus.service.inference import Classifier
 from locus.service.labelgrid import LabelGrid
 from locus.service.problems import InputError, WorkLimitError
@@ -76,6 +77,10 @@ class ClassifyOptions:
         Test-time augmentation: average each cell's scores over this many flipped/transposed views of
         its crop (1, 2, 4 or 8; :mod:`locus.service.tta`). None: the pipeline's default (``LOCUS_TTA``).
         Attributions explain the crop as it is (one view).
+    field_context : float, optional
+        Weight in [0, 1] of the field's mean scores in each cell's scores (:mod:`locus.service.field_context`);
+        labels are read from the blended scores. None: the pipeline's default (``LOCUS_FIELD_CONTEXT``); 0: each
+        cell's own scores.
     """
 
     threshold: float | None = None
@@ -92,6 +97,7 @@ class ClassifyOptions:
     pixel_size: float | None = None
     hpa_compat: bool | None = None
     tta: int | None = None
+    field_context: float | None = None
 
 
 @dataclass
@@ -219,6 +225,8 @@ class Pipeline:
         cells of concurrent requests share model batches. Default: ``classifier.predict``.
     tta : int
         Default test-time augmentation views (1, 2, 4 or 8) when a request does not choose.
+    field_context : float
+        Default weight of the field's mean scores in each cell's scores when a request does not choose.
     """
 
     def __init__(
@@ -228,12 +236,14 @@ class Pipeline:
         segmenter_name: str | None = None,
         batcher: Callable[[np.ndarray], np.ndarray | None] | None = None,
         tta: int = 1,
+        field_context: float = 0.0,
     ) -> None:
         self.classifier = classifier
         self.segmenter = segmenter
         self.segmenter_name = segmenter_name or getattr(segmenter, "name", "custom")
         self.batcher = batcher
         self.tta = check_views(tta)
+        self.field_context = check_weight(field_context)
         self._predict = batcher or classifier.predict
 
     def check_options(self, options: ClassifyOptions) -> None:
@@ -247,8 +257,8 @@ class Pipeline:
         Raises
         ------
         InputError
-            422 ``invalid_parameter``: ``hpa_compat`` with a segmenter other than ``hpa``; ``tta`` not 1,
-            2, 4 or 8.
+            422 ``invalid_parameter``: ``hpa_compat`` with a segmenter other than ``hpa``; ``field_context``
+            outside [0, 1]; ``tta`` not 1, 2, 4 or 8.
         """
         if options.tta is not None:
             try:
@@ -257,6 +267,16 @@ class Pipeline:
                 raise InputError(
                     f"tta: {options.tta} views; choose 1 (none), 2, 4 or 8 (the flips and transposes of each crop)",
                     field="tta",
+                    code="invalid_parameter",
+                ) from None
+        if options.field_context is not None:
+            try:
+                check_weight(options.field_context)
+            except ValueError:
+                raise InputError(
+                    f"field_context: {options.field_context}; choose a weight from 0 (each cell's own scores) to 1 "
+                    "(the field's mean scores for every cell)",
+                    field="field_context",
                     code="invalid_parameter",
                 ) from None
         if options.hpa_compat is not None and getattr(self.segmenter, "name", "") != "hpa":
@@ -270,6 +290,10 @@ class Pipeline:
     def views(self, options: ClassifyOptions) -> int:
         """Test-time augmentation views a request gets: its own ``tta``, else the pipeline's default."""
         return self.tta if options.tta is None else options.tta
+
+    def context_weight(self, options: ClassifyOptions) -> float:
+        """Field-context weight a request gets: its own ``field_context``, else the pipeline's default."""
+        return self.field_context if options.field_context is None else float(options.field_context)
 
     def close(self) -> None:
         """Stop the batcher, if any."""
@@ -335,6 +359,7 @@ class Pipeline:
         views = self.views(options)
         if batch.shape[0]:
             probs = average_views(self._predict(stack_views(batch, views)), views)
+            probs = blend_field_context(probs, self.context_weight(options))
         else:
             probs = np.zeros((0, NUM_CLASSES), dtype=np.float32)
         timings["classify"] = (time.perf_counter() - t) * 1e3

@@ -83,6 +83,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="test-time augmentation: average each cell's scores over 1, 2, 4 or 8 flipped/transposed views of its "
         "crop (default LOCUS_TTA, auto: 8 on a GPU, 1 on a CPU)",
     )
+    parser.add_argument(
+        "--field-context",
+        type=float,
+        default=None,
+        metavar="W",
+        help="weight from 0 to 1 of the field's mean scores in each cell's scores (0: each cell's own); "
+        "default LOCUS_FIELD_CONTEXT",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     ray = parser.add_argument_group("Ray (--engine ray: whole collections on a Ray cluster, the [ray] extra)")
     ray.add_argument(
@@ -113,6 +121,7 @@ def predict_folder(
     format_dir: str | Path | None = None,
     pixel_size: float | None = None,
     tta: str | int | None = None,
+    field_context: float | None = None,
 ) -> dict[str, int]:
     """Classify every field of a folder and write the submission CSV.
 
@@ -145,13 +154,20 @@ def predict_folder(
         The images' pixel size in micrometres (:attr:`ClassifyOptions.pixel_size`); default no resampling.
     tta : str or int, optional
         Test-time augmentation: 1, 2, 4, 8 or ``"auto"``, in place of the ``LOCUS_TTA`` setting.
+    field_context : float, optional
+        Field-context weight in [0, 1], in place of the ``LOCUS_FIELD_CONTEXT`` setting.
 
     Returns
     -------
     dict
         ``{"fields": found, "done": written now, "skipped": already written, "cells": classified now}``.
     """
-    settings = PipelineSettings() if tta is None else PipelineSettings(tta=tta)
+    overrides: dict[str, object] = {}
+    if tta is not None:
+        overrides["tta"] = tta
+    if field_context is not None:
+        overrides["field_context"] = field_context
+    settings = PipelineSettings(**overrides)
     pipeline = build_pipeline(settings, model_dir=model_dir, segmenter=segmenter)
     refs = find_fields(folder)
     if limit is not None:
@@ -197,6 +213,12 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "tta", None) is not None:
             print("locus predict: with --engine ray set LOCUS_TTA on the cluster instead of --tta", file=sys.stderr)
             return 2
+        if getattr(args, "field_context", None) is not None:
+            print(
+                "locus predict: with --engine ray set LOCUS_FIELD_CONTEXT on the cluster instead of --field-context",
+                file=sys.stderr,
+            )
+            return 2
         return run_ray(args)
     try:
         stats = _run_local(args)
@@ -228,4 +250,5 @@ def _run_local(args: argparse.Namespace) -> dict[str, int]:
         format_dir=args.format_dir,
         pixel_size=getattr(args, "pixel_size", None),
         tta=getattr(args, "tta", None),
+        field_context=getattr(args, "field_context", None),
     )

@@ -118,6 +118,7 @@ def classify_response(
         provider=pipeline.classifier.provider.primary,
         threshold="manifest" if options.threshold is None else options.threshold,
         tta=pipeline.views(options),
+        field_context=pipeline.context_weight(options),
         cell_count=len(result.cells),
         cells=[_cell(c, options) for c in result.cells],
         summary=[ClassSummary(**s) for s in result.summary()],

@@ -148,6 +148,11 @@ class ClassifyResponse(BaseModel):
         description="Test-time augmentation: views of each crop its scores are averaged over (1 = none)",
         examples=[1],
     )
+    field_context: float = Field(
+        0.0,
+        description="Weight of the field's mean scores in each cell's scores and labels (0 = each cell's own)",
+        examples=[0.5],
+    )
     cell_count: int = Field(examples=[23])
     cells: list[CellOut]
     summary: list[ClassSummary] = Field(description="Per class called: cells and highest confidence")
@@ -221,5 +226,8 @@ class ModelInfo(BaseModel):
     providers_requested: list[str]
     segmenter: str = Field(examples=["classical"])
     tta: int = Field(1, description="Test-time augmentation views a request gets unless it sets tta (LOCUS_TTA)")
+    field_context: float = Field(
+        0.0, description="Field-context weight a request gets unless it sets field_context (LOCUS_FIELD_CONTEXT)"
+    )
     attributions: bool = Field(description="The model folder ships a gradient model")
     training: dict = Field(default_factory=dict, description="Training data summary and metrics from the manifest")

@@ -214,6 +214,13 @@ async def classify(
             "1 on a CPU)",
         ),
     ] = None,
+    field_context: Annotated[
+        float | None,
+        Query(
+            description="Weight from 0 to 1 of the field's mean scores in each cell's scores and labels (the cells of "
+            "one field share one protein); 0: each cell's own scores; default LOCUS_FIELD_CONTEXT",
+        ),
+    ] = None,
 ) -> ClassifyResponse | KaggleResponse | Response:
     """Segment the four-channel field, classify every cell into the 19 HPA classes, and answer per cell.
 
@@ -239,6 +246,7 @@ async def classify(
         pixel_size=pixel_size,
         hpa_compat=hpa_compat,
         tta=tta,
+        field_context=field_context,
     )
     if fmt in FORMATS:  # files are drawn from the label images; RLE masks would go unused
         options = dataclasses.replace(options, include_masks=False)
@@ -267,6 +275,7 @@ def _options(
     pixel_size: float | None = None,
     hpa_compat: bool | None = None,
     tta: int | None = None,
+    field_context: float | None = None,
 ) -> ClassifyOptions:
     """The request's options, checked against what this model and these settings allow."""
     settings = state.settings
@@ -318,6 +327,7 @@ def _options(
         pixel_size=pixel_size,
         hpa_compat=hpa_compat,
         tta=tta,
+        field_context=field_context,
     )
     state.pipeline.check_options(options)  # before admission: the pipeline's own check, not a copy of it
     return options

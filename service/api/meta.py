@@ -66,6 +66,7 @@ async def model_info(state: StateDep, _auth: Annotated[None, Depends(require_api
         providers_requested=list(state.classifier.provider.requested),
         segmenter=state.segmenter_name,
         tta=state.pipeline.tta,
+        field_context=state.pipeline.field_context,
         attributions=state.classifier.supports_attributions,
         training=m.training,
     )

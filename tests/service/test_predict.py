@@ -76,3 +76,22 @@ def test_predict_tta_flag_wins_over_the_setting(sim_folder, test_model_dir, tmp_
             tta=flag,
         )
         assert json.loads((json_dir / "sim_00000.json").read_text())["tta"] == want
+
+
+def test_predict_field_context_flag_wins_over_the_setting(sim_folder, test_model_dir, tmp_path, monkeypatch):
+    """`--field-context 0` gives each cell's own scores whatever LOCUS_FIELD_CONTEXT says; without it the setting."""
+    from locus.service.predict import predict_folder
+
+    monkeypatch.setenv("LOCUS_FIELD_CONTEXT", "0.5")
+    for flag, want in ((0.0, 0.0), (None, 0.5)):
+        json_dir = tmp_path / f"json-{flag}"
+        predict_folder(
+            sim_folder,
+            tmp_path / f"s-{flag}.csv",
+            model_dir=test_model_dir,
+            json_dir=json_dir,
+            limit=1,
+            progress=False,
+            field_context=flag,
+        )
+        assert json.loads((json_dir / "sim_00000.json").read_text())["field_context"] == want
