@@ -59,7 +59,7 @@ MAX_IMAGE_PIXELS = 6144 * 6144
 """Largest height x width of one channel, checked before any pixel is decoded."""
 
 
-BYTES_PER_PIXEL = 20
+BYTES_PER_PIXEL = 12
 """Working memory of one running request per pixel of one channel (16-bit field; measured, see docs/OPERATIONS.md)."""
 PER_REQUEST_MB = 80
 """Working memory of one running request that does not grow with the field (measured)."""
