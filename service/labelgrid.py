@@ -137,6 +137,36 @@ class LabelGrid:
                 self._full = np.ascontiguousarray(self.small[np.ix_(self.rows, self.cols)])
         return self._full
 
+    def where_equal(self, other: LabelGrid) -> LabelGrid:
+        """This grid's labels kept only where ``other`` has the same label (0 elsewhere), at full resolution.
+
+        Computed on the small images when both grids share their index maps (then exactly the full-resolution
+        result), else on the full images.
+
+        Parameters
+        ----------
+        other : LabelGrid
+            A grid of the same full size (for nuclei: the cells).
+
+        Returns
+        -------
+        LabelGrid
+        """
+        if self.shape != other.shape:
+            raise ValueError(f"grids of different sizes: {self.shape} and {other.shape}")
+        if (
+            self.small.shape == other.small.shape
+            and np.array_equal(self.rows, other.rows)
+            and np.array_equal(self.cols, other.cols)
+        ):
+            kept = np.where(self.small == other.small, self.small, 0).astype(np.int32, copy=False)
+            grid = LabelGrid(kept, self.rows, self.cols)
+            if self.is_identity:
+                grid._full = grid.small
+            return grid
+        mine, theirs = self.full(), other.full()
+        return LabelGrid.identity(np.where(mine == theirs, mine, 0).astype(np.int32, copy=False))
+
     def _used(self) -> np.ndarray:
         """The small image restricted to the rows and columns some full-resolution pixel takes."""
         h, w = self.small.shape

@@ -335,11 +335,10 @@ class Pipeline:
             crop_labels = cells_grid.full()
             cells_grid = LabelGrid.identity(labels_to_shape(crop_labels, image.shape[:2]))
             nuclei_grid = LabelGrid.identity(labels_to_shape(nuclei_grid.full(), image.shape[:2]))
-        # The contract: nucleus k lies inside cell k; keep only what honours it, so ids are shared (a full-resolution
-        # pass, skipped for backends that guarantee it; both label images are resized by the same nearest mapping).
+        # The contract: nucleus k lies inside cell k; keep only what honours it, so ids are shared (on the working-size
+        # labels when both share their nearest-neighbour maps; skipped for backends that guarantee it).
         if not getattr(self.segmenter, "nuclei_in_cells", False):
-            cl, nl = cells_grid.full(), nuclei_grid.full()
-            nuclei_grid = LabelGrid.identity(np.where(nl == cl, nl, 0).astype(np.int32, copy=False))
+            nuclei_grid = nuclei_grid.where_equal(cells_grid)
         cell_labels = cells_grid.full()
         timings["segment"] = (time.perf_counter() - t) * 1e3
 
@@ -447,12 +446,11 @@ class Pipeline:
 
     def _segment(self, work: np.ndarray, options: ClassifyOptions) -> tuple[LabelGrid, LabelGrid]:
         """Cell and nucleus labels of the field, as grids (kept at the backend's working size when it has one)."""
-        if options.hpa_compat is not None:
-            cells, nuclei = self.segmenter.segment(work, hpa_compat=options.hpa_compat)
-        elif hasattr(self.segmenter, "segment_grids"):
-            return self.segmenter.segment_grids(work)
-        else:
-            cells, nuclei = self.segmenter.segment(work)
+        kwargs = {} if options.hpa_compat is None else {"hpa_compat": options.hpa_compat}
+        grids = getattr(self.segmenter, "segment_grids", None)
+        if grids is not None:
+            return grids(work, **kwargs)
+        cells, nuclei = self.segmenter.segment(work, **kwargs)
         return LabelGrid.identity(cells), LabelGrid.identity(nuclei)
 
     @staticmethod

@@ -39,6 +39,7 @@ import numpy as np
 from locus.service.batcher import DynamicBatcher
 from locus.service.imaging import to_unit255
 from locus.service.inference import ProviderReport, create_session
+from locus.service.labelgrid import LabelGrid
 from locus.service.manifest import ModelFolderError
 from locus.service.segmentation.base import SegmentationError, check_field
 from locus.service.segmentation.hpa_postprocess import HpaPostprocessConfig, label_cell
@@ -440,6 +441,39 @@ class HpaSegmenter:
         check_field(image)
         nuc_map, cell_map = self._maps_shared(image)
         return self.labels_from_maps(nuc_map, cell_map, image.shape[:2], hpa_compat)
+
+    def segment_grids(self, image: np.ndarray, *, hpa_compat: bool | None = None) -> tuple[LabelGrid, LabelGrid]:
+        """Segment one field of view; the labels stay at the maps' scale with their map to full resolution.
+
+        The default mode brings its labels up by a plain nearest-neighbour resize, so they are kept as grids
+        (:mod:`locus.service.labelgrid`) and ``grid.full()`` equals :meth:`segment`'s arrays. HPA's compat mode
+        clears the cells' edges at full resolution, so its grids hold full-resolution images.
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            (H, W, 4) field in R, G, B, Y order, ``uint8`` or ``uint16``.
+        hpa_compat : bool, optional
+            As in :meth:`segment`.
+
+        Returns
+        -------
+        cells, nuclei : LabelGrid
+            Cell labels ``1..n`` and nucleus labels (nucleus ``k`` inside cell ``k``), full size (H, W).
+        """
+        check_field(image)
+        nuc_map, cell_map = self._maps_shared(image)
+        compat = self.postprocess.hpa_compat if hpa_compat is None else bool(hpa_compat)
+        if compat:
+            cells, nuclei = self.labels_from_maps(nuc_map, cell_map, image.shape[:2], True)
+            return LabelGrid.identity(cells), LabelGrid.identity(nuclei)
+        nuclei, cells = label_cell(
+            nuc_map, cell_map, scale=self.scale_factor, config=self.postprocess, hpa_compat=False
+        )
+        shape = image.shape[:2]
+        if cells.shape == shape:
+            return LabelGrid.identity(cells), LabelGrid.identity(nuclei)
+        return LabelGrid.upsampled(cells, shape), LabelGrid.upsampled(nuclei, shape)
 
     def segment_many(
         self, images: list[np.ndarray], *, hpa_compat: bool | None = None

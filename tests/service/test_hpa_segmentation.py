@@ -24,6 +24,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from locus.service.cells import cell_records
 from locus.service.metric import segmentation_scores
 from locus.service.segmentation import SegmentationError, make_segmenter
 from locus.service.segmentation.hpa import (
@@ -316,6 +317,18 @@ def test_segment_non_multiple_of_32_field(segmenter: HpaSegmenter, field_1000x17
     assert scores["f1"] >= 0.7, scores
     assert segmenter.provider.primary == "CPUExecutionProvider"
     assert segmenter.providers_obtained["nuclei"][0] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_segment_grids_are_segments_labels(segmenter: HpaSegmenter, field_1000x1728, compat: bool) -> None:
+    """The grids the pipeline reads hold exactly segment()'s labels; kept at the maps' scale in the default mode."""
+    img, _ = field_1000x1728
+    cells_grid, nuclei_grid = segmenter.segment_grids(img, hpa_compat=compat)
+    cells, nuclei = segmenter.segment(img, hpa_compat=compat)
+    np.testing.assert_array_equal(cells_grid.full(), cells)
+    np.testing.assert_array_equal(nuclei_grid.full(), nuclei)
+    assert cells_grid.is_identity == compat  # compat clears edges at full size; the default keeps the small labels
+    assert cells_grid.records() == cell_records(cells)
 
 
 def test_segment_many_batches_and_matches_segment(segmenter: HpaSegmenter, field_1000x1728) -> None:

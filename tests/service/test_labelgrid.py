@@ -50,6 +50,26 @@ def test_runs_across_a_column_boundary_are_one_run():
     assert rle == encode_label_masks(grid.full(), [1])[1]
 
 
+def test_where_equal_is_the_full_resolution_rule():
+    """Nuclei kept where the cells agree: on the small images when the maps are shared, identical to full size."""
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        h, w = (int(v) for v in rng.integers(2, 40, 2))
+        H, W = (int(v) for v in rng.integers(2, 140, 2))
+        cells = _blobs(rng, h, w, 5)
+        nuclei = np.where(rng.random((h, w)) < 0.7, cells, rng.integers(0, 6, (h, w))).astype(np.int32)
+        cg, ng = LabelGrid.upsampled(cells, (H, W)), LabelGrid.upsampled(nuclei, (H, W))
+        full_c, full_n = cg.full(), ng.full()
+        want = np.where(full_n == full_c, full_n, 0)
+        kept = ng.where_equal(cg)
+        assert not kept.is_identity or (h, w) == (H, W)
+        np.testing.assert_array_equal(kept.full(), want)
+        other = LabelGrid.identity(full_c)  # different maps: the full-resolution path
+        np.testing.assert_array_equal(ng.where_equal(other).full(), want)
+    with pytest.raises(ValueError, match="different sizes"):
+        LabelGrid.identity(np.zeros((3, 3), np.int32)).where_equal(LabelGrid.identity(np.zeros((4, 3), np.int32)))
+
+
 def test_nearest_map_is_opencvs():
     """The index maps reproduce OpenCV's nearest-exact resize of an index ramp, monotone."""
     for src, dst in [(512, 2048), (512, 1728), (433, 3072), (7, 3), (1, 5)]:
