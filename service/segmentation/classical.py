@@ -656,17 +656,13 @@ class ClassicalSegmenter:
         Parameters
         ----------
         image : numpy.ndarray
-            (H, W, 4) field in R, G, B, Y order, ``uint8`` or ``uint16``.
+            As for :meth:`segment`.
 
         Returns
         -------
         cells, nuclei : LabelGrid
-            Cell labels ``1..n`` and nucleus labels (nucleus ``k`` inside cell ``k``), full size (H, W).
-
-        Raises
-        ------
-        SegmentationError
-            The array is not an (H, W, 4) ``uint8``/``uint16`` field.
+            Cell labels ``1..n`` and nucleus labels (nucleus ``k`` inside cell ``k``), full size (H, W); errors as
+            :meth:`segment`'s.
         """
         cfg = self.config
         check_field(image)

@@ -59,12 +59,23 @@ def test_predict_writes_submission_resumes_and_scores(sim_folder, test_model_dir
     assert 0.0 <= mean <= 1.0
 
 
-def test_predict_tta_flag_wins_over_the_setting(sim_folder, test_model_dir, tmp_path, monkeypatch):
-    """`--tta 4` gives four views whatever LOCUS_TTA says; `--tta auto` is one view on this CPU host."""
+@pytest.mark.parametrize(
+    ("option", "env", "setting", "cases"),
+    [
+        # `--tta 4` gives four views whatever LOCUS_TTA says; `--tta auto` is one view on this CPU host.
+        ("tta", "LOCUS_TTA", "2", (("4", 4), ("auto", 1), (None, 2))),
+        # `--field-context 0` gives each cell's own scores whatever LOCUS_FIELD_CONTEXT says.
+        ("field_context", "LOCUS_FIELD_CONTEXT", "0.5", ((0.0, 0.0), (None, 0.5))),
+    ],
+)
+def test_predict_flag_wins_over_the_setting(
+    sim_folder, test_model_dir, tmp_path, monkeypatch, option, env, setting, cases
+):
+    """A `locus predict` flag overrides its setting for the run; without the flag the setting holds."""
     from locus.service.predict import predict_folder
 
-    monkeypatch.setenv("LOCUS_TTA", "2")
-    for flag, want in (("4", 4), ("auto", 1), (None, 2)):
+    monkeypatch.setenv(env, setting)
+    for flag, want in cases:
         json_dir = tmp_path / f"json-{flag}"
         predict_folder(
             sim_folder,
@@ -73,25 +84,6 @@ def test_predict_tta_flag_wins_over_the_setting(sim_folder, test_model_dir, tmp_
             json_dir=json_dir,
             limit=1,
             progress=False,
-            tta=flag,
+            **{option: flag},
         )
-        assert json.loads((json_dir / "sim_00000.json").read_text())["tta"] == want
-
-
-def test_predict_field_context_flag_wins_over_the_setting(sim_folder, test_model_dir, tmp_path, monkeypatch):
-    """`--field-context 0` gives each cell's own scores whatever LOCUS_FIELD_CONTEXT says; without it the setting."""
-    from locus.service.predict import predict_folder
-
-    monkeypatch.setenv("LOCUS_FIELD_CONTEXT", "0.5")
-    for flag, want in ((0.0, 0.0), (None, 0.5)):
-        json_dir = tmp_path / f"json-{flag}"
-        predict_folder(
-            sim_folder,
-            tmp_path / f"s-{flag}.csv",
-            model_dir=test_model_dir,
-            json_dir=json_dir,
-            limit=1,
-            progress=False,
-            field_context=flag,
-        )
-        assert json.loads((json_dir / "sim_00000.json").read_text())["field_context"] == want
+        assert json.loads((json_dir / "sim_00000.json").read_text())[option] == want
