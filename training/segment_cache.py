@@ -78,7 +78,7 @@ def label_paths(folder: str | os.PathLike, field_id: str) -> tuple[Path, Path]:
 
 @lru_cache(maxsize=8)
 def segmenter_key(name: str) -> dict[str, str]:
-    """What identifies a segmenter's output: its name and, for ``hpa``, its network files.
+    """What identifies a segmenter's output: its name, its options and, for ``hpa``, its network files.
 
     Parameters
     ----------
@@ -88,8 +88,10 @@ def segmenter_key(name: str) -> dict[str, str]:
     Returns
     -------
     dict
-        ``{"name": name}`` plus ``nuclei_model``/``cell_model`` paths where the backend has them
-        (read from the ``LOCUS_*`` settings, as the service reads them).
+        ``{"name": name}`` plus ``nuclei_model``/``cell_model`` paths where the backend has them, ``hpa_compat``
+        for ``hpa``, and for ``classical`` its whole configuration (``config``, JSON), so labels stored before an
+        option or a default changed (e.g. ``LOCUS_CELL_PER_NUCLEUS``, the nucleus merge) are not reused. Read from
+        the ``LOCUS_*`` settings, as the service reads them.
     """
     from locus.service.config import PipelineSettings
 
@@ -98,6 +100,12 @@ def segmenter_key(name: str) -> dict[str, str]:
     for opt in _MODEL_OPTIONS:
         if options.get(opt) is not None:
             key[opt] = str(Path(options[opt]).resolve())
+    if name == "hpa":
+        key["hpa_compat"] = str(bool(options.get("hpa_compat")))
+    elif name == "classical":
+        from locus.service.segmentation.classical import ClassicalSegmenter
+
+        key["config"] = json.dumps(ClassicalSegmenter(**options).config.to_dict(), sort_keys=True)
     return key
 
 

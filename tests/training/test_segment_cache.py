@@ -16,7 +16,14 @@ from locus.service.crop import CropRule
 from locus.service.factory import build_segmenter
 from locus.service.readers import find_fields, load_field, load_truth
 from locus.training.dataset import FieldTask, _crop_field
-from locus.training.segment_cache import SEGMENTS_DIR, SEGMENTS_FILE, label_paths, segment_folder, stored_cells
+from locus.training.segment_cache import (
+    SEGMENTS_DIR,
+    SEGMENTS_FILE,
+    label_paths,
+    segment_folder,
+    segmenter_key,
+    stored_cells,
+)
 from locus.training.sim.generator import SimConfig, write_dataset
 
 SIZE = 256
@@ -61,7 +68,8 @@ def test_locus_segment_writes_the_segmenters_labels_and_resumes(data, capsys):
     assert "3 fields segmented" in capsys.readouterr().out
     seg, _ = build_segmenter(PipelineSettings(), "classical")
     meta = json.loads((data / SEGMENTS_DIR / SEGMENTS_FILE).read_text())
-    assert meta["segmenter"] == {"name": "classical"} and sorted(meta["fields"]) == [r.id for r in find_fields(data)]
+    assert meta["segmenter"]["name"] == "classical" and sorted(meta["fields"]) == [r.id for r in find_fields(data)]
+    assert json.loads(meta["segmenter"]["config"]) == seg.config.to_dict()  # the options that made the labels
     for ref in find_fields(data):
         want_cells, want_nuclei = seg.segment(load_field(ref))
         cells_path, nuclei_path = label_paths(data, ref.id)
@@ -98,6 +106,22 @@ def test_stored_cells_only_for_the_same_segmenter(data):
     assert stored_cells(ref.paths, ref.id, "hpacellseg") is None  # another backend's cells are not these
     (data / SEGMENTS_DIR / SEGMENTS_FILE).write_text("{not json")
     assert stored_cells(ref.paths, ref.id, "classical") is None
+
+
+def test_stored_cells_only_for_the_same_segmenter_options(data, monkeypatch):
+    """Labels stored with one classical configuration are not reused under another (LOCUS_CELL_PER_NUCLEUS)."""
+    monkeypatch.delenv("LOCUS_CELL_PER_NUCLEUS", raising=False)
+    segmenter_key.cache_clear()
+    segment_folder(data, progress=False)
+    ref = find_fields(data)[0]
+    assert stored_cells(ref.paths, ref.id, "classical") is not None
+    monkeypatch.setenv("LOCUS_CELL_PER_NUCLEUS", "true")
+    segmenter_key.cache_clear()  # settings are read once per process; this test changes them within one
+    try:
+        assert stored_cells(ref.paths, ref.id, "classical") is None
+    finally:
+        monkeypatch.delenv("LOCUS_CELL_PER_NUCLEUS")
+        segmenter_key.cache_clear()
 
 
 def test_training_crops_come_from_the_stored_labels(data):
