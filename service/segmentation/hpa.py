@@ -404,15 +404,39 @@ class HpaSegmenter:
         cell_labels, nuclei_labels : numpy.ndarray
             (H, W) int32 each, nucleus ``k`` inside cell ``k``.
         """
+        cells, nuclei = self.grids_from_maps(nuclei_map, cell_map, shape, hpa_compat)
+        return cells.full(), nuclei.full()
+
+    def grids_from_maps(
+        self, nuclei_map: np.ndarray, cell_map: np.ndarray, shape: tuple[int, int], hpa_compat: bool | None = None
+    ) -> tuple[LabelGrid, LabelGrid]:
+        """Post-process reduced-scale maps into label grids of the full-size field (:mod:`locus.service.labelgrid`).
+
+        The default mode brings its labels up by a plain nearest-neighbour resize, so they stay at the maps' scale
+        with the index maps; HPA's compat mode clears the cells' edges at full resolution, so its grids hold
+        full-resolution images. Parameters as :meth:`labels_from_maps`.
+
+        Returns
+        -------
+        cells, nuclei : LabelGrid
+            Cell labels ``1..n`` and nucleus labels (nucleus ``k`` inside cell ``k``), full size (H, W).
+        """
+        compat = self.postprocess.hpa_compat if hpa_compat is None else bool(hpa_compat)
+        shape = (int(shape[0]), int(shape[1]))
+        if compat:
+            nuclei, cells = label_cell(
+                nuclei_map,
+                cell_map,
+                scale=self.scale_factor,
+                config=self.postprocess,
+                hpa_compat=True,
+                output_shape=shape,
+            )
+            return LabelGrid.identity(cells), LabelGrid.identity(nuclei)
         nuclei, cells = label_cell(
-            nuclei_map,
-            cell_map,
-            scale=self.scale_factor,
-            config=self.postprocess,
-            hpa_compat=hpa_compat,
-            output_shape=shape,
+            nuclei_map, cell_map, scale=self.scale_factor, config=self.postprocess, hpa_compat=False
         )
-        return cells, nuclei
+        return LabelGrid.upsampled(cells, shape), LabelGrid.upsampled(nuclei, shape)
 
     # ------------------------------------------------------------------ public
     def segment(self, image: np.ndarray, *, hpa_compat: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -443,18 +467,14 @@ class HpaSegmenter:
         return self.labels_from_maps(nuc_map, cell_map, image.shape[:2], hpa_compat)
 
     def segment_grids(self, image: np.ndarray, *, hpa_compat: bool | None = None) -> tuple[LabelGrid, LabelGrid]:
-        """Segment one field of view; the labels stay at the maps' scale with their map to full resolution.
-
-        The default mode brings its labels up by a plain nearest-neighbour resize, so they are kept as grids
-        (:mod:`locus.service.labelgrid`) and ``grid.full()`` equals :meth:`segment`'s arrays. HPA's compat mode
-        clears the cells' edges at full resolution, so its grids hold full-resolution images.
+        """Segment one field of view into label grids (:meth:`grids_from_maps`); :meth:`segment` is their ``full()``.
 
         Parameters
         ----------
         image : numpy.ndarray
-            (H, W, 4) field in R, G, B, Y order, ``uint8`` or ``uint16``.
+            As for :meth:`segment`.
         hpa_compat : bool, optional
-            As in :meth:`segment`.
+            As for :meth:`segment`.
 
         Returns
         -------
@@ -463,17 +483,7 @@ class HpaSegmenter:
         """
         check_field(image)
         nuc_map, cell_map = self._maps_shared(image)
-        compat = self.postprocess.hpa_compat if hpa_compat is None else bool(hpa_compat)
-        if compat:
-            cells, nuclei = self.labels_from_maps(nuc_map, cell_map, image.shape[:2], True)
-            return LabelGrid.identity(cells), LabelGrid.identity(nuclei)
-        nuclei, cells = label_cell(
-            nuc_map, cell_map, scale=self.scale_factor, config=self.postprocess, hpa_compat=False
-        )
-        shape = image.shape[:2]
-        if cells.shape == shape:
-            return LabelGrid.identity(cells), LabelGrid.identity(nuclei)
-        return LabelGrid.upsampled(cells, shape), LabelGrid.upsampled(nuclei, shape)
+        return self.grids_from_maps(nuc_map, cell_map, image.shape[:2], hpa_compat)
 
     def segment_many(
         self, images: list[np.ndarray], *, hpa_compat: bool | None = None
