@@ -388,22 +388,19 @@ def _merge_lobes(
 
     Returns the relabelled parts (``1..k``) and ``k``.
     """
-    pairs: dict[tuple[int, int], float] = {}
+    # The neck between two parts: the highest distance along their shared edge (4-neighbours, the lower side).
+    neck = np.full((m + 1) * (m + 1), -1.0)
     for a, b, da, db in (
         (parts[:, :-1], parts[:, 1:], dist[:, :-1], dist[:, 1:]),
         (parts[:-1, :], parts[1:, :], dist[:-1, :], dist[1:, :]),
     ):
         edge = (a != b) & (a > 0) & (b > 0)
-        if not edge.any():
-            continue
-        lo = np.minimum(a[edge], b[edge])
-        hi = np.maximum(a[edge], b[edge])
-        height = np.minimum(da[edge], db[edge])
-        for i, j, v in zip(lo.tolist(), hi.tolist(), height.tolist(), strict=True):
-            if v > pairs.get((i, j), -1.0):
-                pairs[(i, j)] = v
-    if not pairs:
+        pair = np.minimum(a[edge], b[edge]) * (m + 1) + np.maximum(a[edge], b[edge])
+        np.maximum.at(neck, pair, np.minimum(da[edge], db[edge]))
+    touching = np.flatnonzero(neck >= 0)
+    if touching.size == 0:
         return parts, m
+    pairs = {(int(k // (m + 1)), int(k % (m + 1))): float(neck[k]) for k in touching}
     flat = parts.ravel()
     peak = ndimage.maximum(dist, parts, index=np.arange(m + 1))
     counts = np.bincount(flat, minlength=m + 1)
