@@ -40,6 +40,38 @@ class CellRecord:
     centroid: tuple[float, float]
     touches_border: bool
 
+    @classmethod
+    def from_moments(
+        cls, id: int, bbox: tuple[int, int, int, int], m00: float, m01: float, m10: float, shape: tuple[int, int]
+    ) -> CellRecord:
+        """A record from a cell's box and its box-local moments (OpenCV's ``m00``, ``m01``, ``m10``).
+
+        Parameters
+        ----------
+        id : int
+            The cell's label.
+        bbox : tuple of int
+            (row0, col0, row1, col1), end-exclusive.
+        m00, m01, m10 : float
+            Pixel count, and the sums of the pixels' rows and columns measured from the box's corner (exact
+            integers), so the centroid is one division and one addition, the same floats whoever sums them.
+        shape : tuple of int
+            (H, W) of the label image.
+
+        Returns
+        -------
+        CellRecord
+        """
+        r0, c0, r1, c1 = (int(v) for v in bbox)
+        h, w = shape
+        return cls(
+            id=int(id),
+            bbox=(r0, c0, r1, c1),
+            area=int(m00),
+            centroid=(float(m01 / m00 + r0), float(m10 / m00 + c0)),
+            touches_border=bool(r0 == 0 or c0 == 0 or r1 == h or c1 == w),
+        )
+
     def to_dict(self) -> dict:
         """Return the record as a JSON-serialisable dict."""
         data = asdict(self)
@@ -107,16 +139,6 @@ def cell_records(labels: np.ndarray) -> list[CellRecord]:
         # OpenCV's moments of the 0/255 mask: integer sums, so area and centroid are exactly numpy's
         # (pixel count; mean row and column, one rounding each), in a fraction of the time.
         m = cv2.moments(label_mask(labels[sl], idx), binaryImage=True)
-        area = int(m["m00"])
-        centroid = (float(m["m01"] / m["m00"] + rs.start), float(m["m10"] / m["m00"] + cs.start))
-        touches = rs.start == 0 or cs.start == 0 or rs.stop == h or cs.stop == w
-        records.append(
-            CellRecord(
-                id=idx,
-                bbox=(int(rs.start), int(cs.start), int(rs.stop), int(cs.stop)),
-                area=area,
-                centroid=centroid,
-                touches_border=bool(touches),
-            )
-        )
+        box = (rs.start, cs.start, rs.stop, cs.stop)
+        records.append(CellRecord.from_moments(idx, box, m["m00"], m["m01"], m["m10"], (h, w)))
     return records

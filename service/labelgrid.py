@@ -235,19 +235,10 @@ class LabelGrid:
             r0, r1 = int(self._rstart[rs.start]), int(rend[rs.stop - 1])
             c0, c1 = int(self._cstart[cs.start]), int(cend[cs.stop - 1])
             m00 = float(area[idx])
-            # As cell_records computes it: the sums of the box-local coordinates (exact integers), over the
-            # area, plus the box's corner; so the floats are the same.
+            # Box-local sums (exact integers), as cell_records has them from OpenCV's moments: the same floats.
             m01 = float(sum_r[idx] - m00 * r0)
             m10 = float(sum_c[idx] - m00 * c0)
-            records.append(
-                CellRecord(
-                    id=idx,
-                    bbox=(r0, c0, r1, c1),
-                    area=int(m00),
-                    centroid=(float(m01 / m00 + r0), float(m10 / m00 + c0)),
-                    touches_border=bool(r0 == 0 or c0 == 0 or r1 == h or c1 == w),
-                )
-            )
+            records.append(CellRecord.from_moments(idx, (r0, c0, r1, c1), m00, m01, m10, (h, w)))
         return records
 
     def encode(self, ids: list[int] | None = None) -> dict[int, dict]:
