@@ -25,6 +25,11 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def png_uploads(image: np.ndarray) -> dict[str, tuple[str, bytes, str]]:
+    """The four channels of an (H, W, 4) field as the multipart files of ``POST /classify`` (PNG, one per channel)."""
+    return {c: (f"{c}.png", png_bytes(image[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The real HPA field of view (website JPEGs); skips when ../shared is absent."""

@@ -17,10 +17,9 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount, Route
 
 from locus.service.app import create_app
-from locus.service.classes import CHANNELS
 from locus.service.middleware import OPEN_PATHS
 from locus.service.settings import Settings
-from tests.conftest import png_bytes
+from tests.conftest import png_uploads
 from tests.service.test_hostile_input import serve
 
 KEY_ENV = "env-key-7f3a9c1e5b2d4f60"
@@ -74,7 +73,7 @@ def keyed(keyed_settings: Settings) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def files(synthetic_field: np.ndarray) -> dict:
-    return {c: (f"{c}.png", png_bytes(synthetic_field[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+    return png_uploads(synthetic_field)
 
 
 def _bearer(key: str) -> dict[str, str]:

@@ -8,11 +8,11 @@ from fastapi.testclient import TestClient
 
 from locus.service.app import create_app
 from locus.service.attribution import decode_map
-from locus.service.classes import CHANNELS, NEGATIVE
+from locus.service.classes import NEGATIVE
 from locus.service.manifest import load_manifest
 from locus.service.settings import DEFAULT_MODEL_DIR, Settings
 from locus.training.sim.generator import SimConfig, generate_field
-from tests.conftest import png_bytes
+from tests.conftest import png_uploads
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL_DIR / "manifest.json").is_file(), reason=f"default model not present at {DEFAULT_MODEL_DIR}"
@@ -30,10 +30,6 @@ def client():
 def fields():
     # held-out seed: the default model never saw these fields
     return [generate_field(i, 424242, SimConfig(size=512)) for i in range(3)]
-
-
-def _files(image: np.ndarray) -> dict:
-    return {c: (f"{c}.png", png_bytes(image[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
 
 
 def _match(pred_labels: np.ndarray, true_labels: np.ndarray, cell_id: int) -> int | None:
@@ -62,7 +58,7 @@ def test_calls_match_the_truth_on_held_out_hpa_sim_fields(client, fields):
 
     hits = total = 0
     for f in fields:
-        body = client.post("/classify", files=_files(f.image), params={"include_scores": "true"}).json()
+        body = client.post("/classify", files=png_uploads(f.image), params={"include_scores": "true"}).json()
         pred = np.zeros(f.cells.shape, np.int32)
         for cell in body["cells"]:
             m = mask_utils.decode({"size": cell["mask"]["size"], "counts": cell["mask"]["counts"].encode()})
@@ -85,7 +81,7 @@ def test_attributions_decode_to_the_cell_box_and_converge(client):
     # 64 steps 0.002), on a small held-out field so the test stays short.
     f = generate_field(0, 424242, SimConfig(size=256))
     params = {"attributions": "true", "include_masks": "false", "ig_steps": "64"}
-    r = client.post("/classify", files=_files(f.image), params=params)
+    r = client.post("/classify", files=png_uploads(f.image), params=params)
     assert r.status_code == 200, r.text
     body = r.json()
     errors = []
@@ -113,7 +109,7 @@ def test_nucleoli_attribution_lights_up_the_nucleus(client):
             continue
         body = client.post(
             "/classify",
-            files=_files(f.image),
+            files=png_uploads(f.image),
             params={"attributions": "true", "attribution_classes": "2", "include_masks": "false", "ig_steps": "32"},
         ).json()
         for cell in body["cells"]:
@@ -140,7 +136,7 @@ def test_a_request_without_attributions_pays_nothing(tmp_path):
     settings = Settings(providers=["CPUExecutionProvider"], log_json=False)
     with TestClient(create_app(settings)) as c:
         f = generate_field(0, 5, SimConfig(size=384))
-        body = c.post("/classify", files=_files(f.image)).json()
+        body = c.post("/classify", files=png_uploads(f.image)).json()
         state = c.app.state.locus
         assert state.classifier._grad_session is None, "the gradient model was loaded without being asked for"
         assert "attribute" not in body["timings_ms"]
@@ -154,7 +150,7 @@ def test_negative_cells_are_called_negative(client):
         f = generate_field(i, 31337, SimConfig(size=512))
         if not any(labs == [NEGATIVE] for labs in f.cell_labels.values()):
             continue
-        body = client.post("/classify", files=_files(f.image), params={"include_scores": "true"}).json()
+        body = client.post("/classify", files=png_uploads(f.image), params={"include_scores": "true"}).json()
         from pycocotools import mask as mask_utils
 
         pred = np.zeros(f.cells.shape, np.int32)

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from locus.service.classes import CHANNELS
 from locus.service.config import PipelineSettings
 from locus.service.factory import build_pipeline
 from locus.service.field_context import blend_field_context, check_weight
 from locus.service.pipeline import ClassifyOptions
 from locus.service.problems import InputError
-from tests.conftest import DEFAULT_MODEL, png_bytes
+from tests.conftest import DEFAULT_MODEL, png_uploads
 
 
 def test_blend_by_hand() -> None:
@@ -70,7 +69,7 @@ def test_api_field_context_parameter(test_model_dir, synthetic_field) -> None:
     from locus.service.app import create_app
     from locus.service.settings import Settings
 
-    files = {c: (f"f_{c}.png", png_bytes(synthetic_field[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+    files = png_uploads(synthetic_field)
     settings = Settings(model_dir=test_model_dir, providers=["CPUExecutionProvider"], log_json=False)
     with TestClient(create_app(settings)) as client:
         assert client.get("/model").json()["field_context"] == 0.0

@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from pycocotools import mask as mask_utils
 
 from locus.service.app import create_app
-from locus.service.classes import CHANNELS, CLASS_NAMES
+from locus.service.classes import CLASS_NAMES
 from locus.service.settings import Settings
 from locus.training.sim.generator import SimConfig, generate_field, write_dataset
-from tests.conftest import png_bytes
+from tests.conftest import png_uploads
 
 pd = pytest.importorskip("pandas")
 pa = pytest.importorskip("pyarrow")
@@ -47,7 +47,7 @@ def client(test_model_dir):
 @pytest.fixture(scope="module")
 def sim_files():
     field = generate_field(0, 5, SimConfig(size=320))
-    return {c: (f"f_{c}.png", png_bytes(field.image[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+    return png_uploads(field.image)
 
 
 @pytest.fixture(scope="module")

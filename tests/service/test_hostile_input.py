@@ -41,7 +41,7 @@ from PIL import Image
 from locus.service.app import create_app
 from locus.service.classes import CHANNELS
 from locus.service.settings import Settings
-from tests.conftest import png_bytes
+from tests.conftest import png_bytes, png_uploads
 
 MAX_UPLOAD = 2_000_000
 MAX_REQUEST = 6_000_000
@@ -143,7 +143,7 @@ def field8(synthetic_field: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def valid(synthetic_field: np.ndarray) -> dict:
-    return {c: (f"{c}.png", png_bytes(synthetic_field[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+    return png_uploads(synthetic_field)
 
 
 def _with(valid: dict, channel: str, data: bytes, name: str = "x.bin", ctype: str = "application/octet-stream"):
@@ -373,7 +373,7 @@ def test_exif_rotation_is_ignored_pixels_as_stored(client, field8):
     exif[0x0112] = 6
     buf = io.BytesIO()
     Image.fromarray(field8[:, :, 0]).save(buf, "JPEG", exif=exif, quality=95)
-    files = {c: (f"{c}.png", png_bytes(field8[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+    files = png_uploads(field8)
     files["red"] = ("red.jpg", buf.getvalue(), "image/jpeg")
     r = client.post("/classify", files=files, params={"include_masks": "false"})
     assert r.status_code == 200, r.text

@@ -20,12 +20,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from locus.service.app import create_app
-from locus.service.classes import CHANNELS
 from locus.service.config import DEFAULT_MODEL_DIR
 from locus.service.crop import CropRule, crop_cells
 from locus.service.imaging import MAX_JPEG_SCANS, decode_channel, jpeg_structure
 from locus.service.settings import Settings
-from tests.conftest import png_bytes
+from tests.conftest import png_uploads
 
 RSS_GROWTH_MB = 200
 
@@ -194,10 +193,6 @@ def field() -> np.ndarray:
     return generate_field(0, 20261202, SimConfig(size=256)).image
 
 
-def _files(image: np.ndarray) -> dict:
-    return {c: (f"{c}.png", png_bytes(image[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
-
-
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
     settings = Settings(
@@ -215,26 +210,26 @@ def client() -> Iterator[TestClient]:
 def test_attribution_work_over_budget_is_refused_up_front(client, field) -> None:
     params = {"attributions": "true", "ig_steps": "512", "attribution_classes": ",".join(map(str, range(19)))}
     t = time.perf_counter()
-    r = client.post("/classify", files=_files(field), params=params)
+    r = client.post("/classify", files=png_uploads(field), params=params)
     assert r.status_code == 422, r.text
     err = r.json()["error"]
     assert err["code"] == "attribution_budget" and "LOCUS_IG_BUDGET" in err["message"]
     assert time.perf_counter() - t < 5
-    assert client.post("/classify", files=_files(field)).status_code == 200
+    assert client.post("/classify", files=png_uploads(field)).status_code == 200
 
 
 def test_answer_larger_than_the_cap_is_refused_before_maps_are_made(client, field) -> None:
     big = np.ascontiguousarray(np.repeat(np.repeat(field, 4, axis=0), 4, axis=1))  # 1024², large boxes
     params = {"attributions": "true", "ig_steps": "2", "attribution_classes": "0,1,2,3,4,5,6,7,8,9"}
-    r = client.post("/classify", files=_files(big), params=params)
+    r = client.post("/classify", files=png_uploads(big), params=params)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] in ("answer_too_large", "attribution_budget")
-    assert client.post("/classify", files=_files(field)).status_code == 200
+    assert client.post("/classify", files=png_uploads(field)).status_code == 200
 
 
 @pytest.mark.parametrize("text", ["1_0", "\u0661", "+1", " 1e1"])
 def test_attribution_classes_take_ascii_digits_only(client, field, text) -> None:
-    r = client.post("/classify", files=_files(field), params={"attributions": "true", "attribution_classes": text})
+    r = client.post("/classify", files=png_uploads(field), params={"attributions": "true", "attribution_classes": text})
     assert r.status_code == 422 and r.json()["error"]["field"] == "attribution_classes"
 
 
@@ -246,20 +241,20 @@ def test_hostile_files_through_the_api_then_a_valid_request(client, field) -> No
         "blue": tiff_huge_tile(),
     }
     for channel, payload in cases.items():
-        files = _files(field)
+        files = png_uploads(field)
         files[channel] = (f"{channel}.bin", payload, "application/octet-stream")
         r = client.post("/classify", files=files)
         assert 400 <= r.status_code < 500, r.text
         assert r.json()["error"]["field"] == channel
     assert _rss_mb() - before < RSS_GROWTH_MB  # the bombs were refused before any pixel was decoded
-    assert client.post("/classify", files=_files(field)).status_code == 200
+    assert client.post("/classify", files=png_uploads(field)).status_code == 200
 
 
 def test_tiff_orientation_gives_the_same_answer_as_no_tag(client, field) -> None:
-    files = _files(field)
+    files = png_uploads(field)
     files["blue"] = ("blue.tif", tiff_with_orientation(field[:, :, 2], 3), "image/tiff")
     tagged = client.post("/classify", files=files).json()
-    plain = client.post("/classify", files=_files(field)).json()
+    plain = client.post("/classify", files=png_uploads(field)).json()
     assert [c["mask"] for c in tagged["cells"]] == [c["mask"] for c in plain["cells"]]
 
 
@@ -276,11 +271,11 @@ def test_timed_out_request_stops_its_work_and_frees_the_worker(field) -> None:
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         params = {"attributions": "true", "ig_steps": "512", "attribution_classes": ",".join(map(str, range(19)))}
-        r = c.post("/classify", files=_files(field), params=params)  # minutes of work without cancellation
+        r = c.post("/classify", files=png_uploads(field), params=params)  # minutes of work without cancellation
         assert r.status_code == 504, r.text
         t = time.perf_counter()
         while True:
-            r = c.post("/classify", files=_files(field))
+            r = c.post("/classify", files=png_uploads(field))
             if r.status_code == 200 or time.perf_counter() - t > 15:
                 break
             assert r.status_code in (503, 504)  # busy for at most one IG batch more (slow on a loaded machine)

@@ -476,12 +476,11 @@ def test_hpa_compat_per_request_through_the_api(hpa_nets: tuple[Path, Path], tes
     from fastapi.testclient import TestClient
 
     from locus.service.app import create_app
-    from locus.service.classes import CHANNELS
     from locus.service.settings import Settings
-    from tests.conftest import png_bytes
+    from tests.conftest import png_uploads
 
     image = generate_field(0, 3, SimConfig(size=256)).image
-    files = {c: (f"{c}.png", png_bytes(image[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+    files = png_uploads(image)
     base = dict(model_dir=test_model_dir, providers=["CPUExecutionProvider"], log_level="warning")
     hpa = Settings(**base, segmenter="hpa", hpa_nuclei_model=hpa_nets[0], hpa_cell_model=hpa_nets[1])
     with TestClient(create_app(hpa)) as client:

@@ -16,10 +16,9 @@ from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
 from locus.service.app import create_app
-from locus.service.classes import CHANNELS
 from locus.service.manifest import sha256_file
 from locus.service.settings import Settings
-from tests.conftest import png_bytes
+from tests.conftest import png_uploads
 from tests.modelfolder import write_model_folder
 from tests.service.test_hostile_input import serve
 
@@ -80,13 +79,9 @@ def failing_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_failing_model_folder(tmp_path_factory.mktemp("failing") / "fails-on-bright")
 
 
-def _files(field: np.ndarray) -> dict:
-    return {c: (f"{c}.png", png_bytes(field[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
-
-
 @pytest.fixture(scope="module")
 def files(synthetic_field: np.ndarray) -> dict:
-    return _files(synthetic_field)
+    return png_uploads(synthetic_field)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +89,7 @@ def poison_files(synthetic_field: np.ndarray) -> dict:
     """The synthetic field with saturated nuclei: the failing model breaks on it."""
     field = synthetic_field.copy()
     field[:, :, 2][field[:, :, 2] > 20000] = 65535
-    return _files(field)
+    return png_uploads(field)
 
 
 def _settings(model_dir: Path, **kw) -> Settings:

@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 from pycocotools import mask as mask_utils
 
 from locus.service.app import create_app
-from locus.service.classes import CHANNELS
 from locus.service.config import PipelineSettings
 from locus.service.factory import build_pipeline
 from locus.service.manifest import load_manifest
@@ -23,7 +22,7 @@ from locus.service.metric import label_iou
 from locus.service.pipeline import ClassifyOptions, labels_to_shape, resample_to_model
 from locus.service.settings import Settings
 from locus.training.sim.generator import SimConfig, generate_field
-from tests.conftest import png_bytes
+from tests.conftest import png_uploads
 from tests.modelfolder import write_model_folder
 
 #: The image's pixel size; the model records twice that, so a request with it is downscaled by 2.
@@ -47,10 +46,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def field():
     """An HPA-sim field of 512² with cells about 130 px across (65 px once downscaled by 2), few touching."""
     return generate_field(1, 31337, SimConfig(size=512, cell_diameter_px=130.0, n_cells=(8, 14)))
-
-
-def _files(image: np.ndarray) -> dict:
-    return {c: (f"{c}.png", png_bytes(image[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
 
 
 def test_resampling_helpers_keep_shape_and_dtype():
@@ -121,18 +116,18 @@ def test_api_pixel_size(model_dir: Path, test_model_dir: Path, field):
     settings = Settings(model_dir=model_dir, providers=["CPUExecutionProvider"], log_json=False)
     with TestClient(create_app(settings)) as client:
         assert client.get("/model").json()["input"]["pixel_size"] == MODEL_UM
-        r = client.post("/classify", files=_files(field.image), params={"pixel_size": IMAGE_UM})
+        r = client.post("/classify", files=png_uploads(field.image), params={"pixel_size": IMAGE_UM})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["cells"]
         for cell in body["cells"]:
             assert cell["mask"]["size"] == list(field.cells.shape)
-        bad = client.post("/classify", files=_files(field.image), params={"pixel_size": -1})
+        bad = client.post("/classify", files=png_uploads(field.image), params={"pixel_size": -1})
         assert bad.status_code == 422
     # a model folder without a training pixel size refuses the option, naming it
     settings = Settings(model_dir=test_model_dir, providers=["CPUExecutionProvider"], log_json=False)
     with TestClient(create_app(settings)) as client:
-        r = client.post("/classify", files=_files(field.image), params={"pixel_size": IMAGE_UM})
+        r = client.post("/classify", files=png_uploads(field.image), params={"pixel_size": IMAGE_UM})
         assert r.status_code == 422
         assert r.json()["error"]["field"] == "pixel_size"
 
@@ -183,7 +178,7 @@ def test_shipped_model_calls_the_truth_at_2048_through_the_api():
         for params in variants:
             hits = total = 0
             for f in fields:
-                r = client.post("/classify", files=_files(f.image), params={"include_scores": "true", **params})
+                r = client.post("/classify", files=png_uploads(f.image), params={"include_scores": "true", **params})
                 assert r.status_code == 200, r.text
                 pred = np.zeros(f.cells.shape, np.int32)
                 cells = r.json()["cells"]

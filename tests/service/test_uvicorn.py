@@ -15,8 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from locus.service.classes import CHANNELS
-from tests.conftest import png_bytes
+from tests.conftest import png_uploads
 
 
 def _free_port() -> int:
@@ -80,7 +79,7 @@ def _field(size: int = 512) -> dict:
     img[d < 52, 3] += 8000
     img[d < 48, 1] += 12000
     img[d < 20, 2] += 30000
-    return {c: (f"{c}.png", png_bytes(img[:, :, k]), "image/png") for k, c in enumerate(CHANNELS)}
+    return png_uploads(img)
 
 
 def test_classify_over_real_http(server):
