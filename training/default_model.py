@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 32,
     "learning_rate": 2e-3,
     "seed": 2021,
+    "extra_label_rate": 0.4,
 }
 
 #: Training mix: (field side px, (low, high) median cell diameter px, share of the training fields).
@@ -123,6 +124,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="cell: per-cell HPA-sim truth (default); image: weak labels as with Kaggle data",
     )
     parser.add_argument("--seed", type=int, default=d["seed"])
+    parser.add_argument(
+        "--extra-label-rate",
+        type=float,
+        default=d["extra_label_rate"],
+        metavar="P",
+        help="HPA-sim training fields: probability of one more, randomly drawn localisation (mixtures; "
+        f"default {d['extra_label_rate']}); the held-out fields keep the generator's default (0)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes for data generation and crops")
     parser.add_argument(
         "--segmenter",
@@ -158,23 +167,43 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _same_sim(folder: Path, n: int, seed: int, config: Any, start: int) -> bool:
+    """Whether ``folder``'s ``sim.json`` records this very dataset (kept data is reused only then)."""
+    from dataclasses import asdict
+
+    try:
+        meta = json.loads((folder / "sim.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    want = json.loads(json.dumps(asdict(config)))
+    have = {**want, **meta.get("config", {})}
+    # a field the folder predates (written before the option existed) is at the generator's default
+    defaults = json.loads(json.dumps(asdict(type(config)())))
+    for key in want:
+        if key not in meta.get("config", {}):
+            have[key] = defaults[key]
+    return (meta.get("n"), meta.get("seed"), meta.get("start"), have) == (n, seed, start, want)
+
+
 def _simulate(folder: Path, n: int, seed: int, config: Any, start: int, workers: int, keep: bool, progress: bool):
     from locus.training.sim.generator import write_dataset
 
-    if keep and (folder / "train.csv").is_file():
+    if keep and (folder / "train.csv").is_file() and _same_sim(folder, n, seed, config, start):
         return folder
     if folder.exists():
         shutil.rmtree(folder)
     return write_dataset(folder, n=n, seed=seed, config=config, workers=workers, progress=progress, start=start)
 
 
-def _train_sets(work: Path, n_fields: int, seed: int, workers: int, keep: bool, progress: bool) -> list[Path]:
+def _train_sets(
+    work: Path, n_fields: int, seed: int, workers: int, keep: bool, progress: bool, extra_label_rate: float = 0.0
+) -> list[Path]:
     from locus.training.sim.generator import SimConfig
 
     out = []
     for j, (size, drange, share) in enumerate(TRAIN_MIX):
         n = max(2, int(round(n_fields * share)))
-        cfg = SimConfig(size=size, cell_diameter_range=drange)
+        cfg = SimConfig(size=size, cell_diameter_range=drange, extra_label_rate=extra_label_rate)
         out.append(_simulate(work / f"sim-train-{size}", n, seed, cfg, j * 10_000, workers, keep, progress))
     return out
 
@@ -663,7 +692,11 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
     eval_only = bool(getattr(args, "eval_only", False))
     # --eval-only measures a candidate already trained: the training sets are neither needed nor drawn.
-    train_dirs = [] if eval_only else _train_sets(work, args.fields, args.seed, args.workers, args.keep_data, progress)
+    train_dirs = (
+        []
+        if eval_only
+        else _train_sets(work, args.fields, args.seed, args.workers, args.keep_data, progress, args.extra_label_rate)
+    )
     heldout = _heldout_sets(work, sizes, args.heldout_scale, args.seed + 1, args.workers, args.keep_data, progress)
     t_sim = time.time() - t0
     config = TrainConfig(

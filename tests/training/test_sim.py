@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from locus.service.classes import NUM_CLASSES, parse_label
+from locus.service.classes import NEGATIVE, NUM_CLASSES, parse_label
 from locus.service.imaging import load_field
 from locus.training.sim.generator import SimConfig, SimField, field_id, generate_field, write_dataset
 
@@ -250,3 +250,48 @@ def test_small_scales_integrate_pixels():
     np.testing.assert_array_equal(small.nuclei, np.asarray(large.nuclei)[1::2, 1::2])
     point = generate_field(0, 5, SimConfig(size=256, cell_diameter_px=83.75, max_supersample=1, **kw))
     assert not np.array_equal(point.image, small.image)
+
+
+def test_extra_label_rate_adds_one_drawn_localisation():
+    """Each field with a protein gains one class it lacked; everything drawn before stays as it was."""
+    plain = SimConfig(size=128)
+    mixed = SimConfig(size=128, extra_label_rate=1.0)
+    grown = 0
+    for i in range(30):
+        a, b = generate_field(i, 5, plain), generate_field(i, 5, mixed)
+        if a.field_labels == [NEGATIVE]:
+            assert b.field_labels == [NEGATIVE]
+            continue
+        if len(a.field_labels) == 3:  # the cap of three localisations per field
+            assert b.field_labels == a.field_labels
+        else:
+            assert b.field_labels[0] == a.field_labels[0] and set(a.field_labels) < set(b.field_labels)
+            assert len(b.field_labels) == len(a.field_labels) + 1
+            grown += 1
+            (extra,) = set(b.field_labels) - set(a.field_labels)
+            assert extra != NEGATIVE
+            # the new class is painted: some cell carries it (mitotic spindle only on mitotic cells)
+            assert any(extra in v for v in b.cell_labels.values()) or extra == 11
+    assert grown >= 20
+
+
+def test_extra_label_rate_is_checked_and_recorded(tmp_path: Path):
+    from locus.cli import main
+
+    with pytest.raises(ValueError, match="extra_label_rate"):
+        SimConfig(extra_label_rate=1.5)
+    out = tmp_path / "mix"
+    rc = main(["sim", "--n", "1", "--size", "128", "--out", str(out), "--extra-label-rate", "0.4", "--no-progress"])
+    assert rc == 0
+    assert json.loads((out / "sim.json").read_text())["config"]["extra_label_rate"] == 0.4
+    assert main(["sim", "--n", "1", "--size", "128", "--out", str(out), "--extra-label-rate", "2"]) == 2
+
+
+def test_default_model_reuses_kept_data_only_when_it_is_the_same(tmp_path: Path):
+    from locus.training.default_model import _same_sim
+
+    cfg = SimConfig(size=128)
+    out = write_dataset(tmp_path / "ds", 2, seed=5, config=cfg, workers=1, progress=False)
+    assert _same_sim(out, 2, 5, cfg, 0)
+    assert not _same_sim(out, 2, 5, SimConfig(size=128, extra_label_rate=0.4), 0)
+    assert not _same_sim(out, 3, 5, cfg, 0) and not _same_sim(out, 2, 6, cfg, 0)

@@ -44,6 +44,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mitotic-fraction", type=float, default=0.03, help="share of mitotic cells")
     parser.add_argument("--noise", type=float, default=1.0, help="noise multiplier (0: none)")
+    parser.add_argument(
+        "--extra-label-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability that a field gets one more, randomly drawn localisation (mixtures; default 0)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -73,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             cell_scale=args.cell_scale,
             mitotic_fraction=args.mitotic_fraction,
             noise=args.noise,
+            extra_label_rate=args.extra_label_rate,
             cell_diameter_px=getattr(args, "cell_diameter", None),
             pixel_size_um=getattr(args, "pixel_size", None),
         )
