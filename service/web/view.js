@@ -159,6 +159,7 @@ export class FieldView {
     if (level === "full" && cached) {
       clearTimeout(this._compTimer);
       this._compTimer = setTimeout(() => {
+        this._compTimer = null;
         this._buildComposite("full");
         this.requestDraw();
       }, 150);
@@ -318,6 +319,11 @@ export class FieldView {
       { passive: false },
     );
     cv.addEventListener("dblclick", (e) => this.zoom(2, e.offsetX * this.dpr, e.offsetY * this.dpr));
+  }
+
+  /** True once the picture on screen is final: no frame queued and no composite waiting to be rebuilt. */
+  idle() {
+    return !this._queued && !this._compTimer;
   }
 
   requestDraw() {

@@ -431,11 +431,12 @@ def test_a_channel_toggle_changes_the_picture(shown):
     }"""
 
     def settled() -> float:
-        # A toggle redraws from the preview layers at once and from the full-resolution composite after a short
-        # debounce; read the picture only once no frame is queued and two reads 150 ms apart agree.
+        # A toggle redraws from the layers at once and from the full-resolution composite after a short debounce
+        # (which a loaded machine delays); read the picture only once the view says it is final (no frame queued,
+        # no composite pending) and two reads 150 ms apart agree.
         last = None
         for _ in range(40):
-            page.wait_for_function("() => !window.locusViewer.view._queued")
+            page.wait_for_function("() => window.locusViewer.view.idle()")
             now = page.evaluate(read)
             if last is not None and abs(now - last) < 1e-9:
                 return now
