@@ -250,8 +250,10 @@ def score_folder(
     Returns
     -------
     dict
-        ``{"map", "ap", "fields", "cells", "matched", "top1", "confusion", "n_true"}``; ``confusion[t][c]``
-        counts matched cells of true class ``t`` called ``c``; ``n_true[t]`` the matched cells of class ``t``.
+        ``{"map", "ap", "fields", "cells", "matched", "top1", "confusion", "n_true", "alone", "mixed"}``;
+        ``confusion[t][c]`` counts matched cells of true class ``t`` called ``c``; ``n_true[t]`` the matched cells
+        of class ``t``; ``alone[t]`` and ``mixed[t]`` are ``[cells, cells where t is called]`` over the matched
+        cells whose only label is ``t`` and over those where ``t`` is one of several (a pattern under another).
     """
     from locus.service.classes import NUM_CLASSES
     from locus.service.metric import evaluate, label_iou, truth_from_labels
@@ -263,6 +265,8 @@ def score_folder(
     truth, preds = {}, {}
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     n_true = np.zeros(NUM_CLASSES, np.int64)
+    alone = np.zeros((NUM_CLASSES, 2), np.int64)
+    mixed = np.zeros((NUM_CLASSES, 2), np.int64)
     cells = matched = top1 = 0
     options = ClassifyOptions(include_masks=True, pixel_size=pixel_size)
     for ref in refs:
@@ -284,6 +288,8 @@ def score_folder(
                 top1 += int(np.argmax(cell.probabilities)) in true
                 for c in true:
                     n_true[c] += 1
+                    split = alone if len(true) == 1 else mixed
+                    split[c] += (1, int(c in cell.labels))
                     for k in cell.labels:
                         confusion[c, k] += 1
         if progress:
@@ -299,6 +305,8 @@ def score_folder(
         "top1": top1 / matched if matched else None,
         "confusion": confusion.tolist(),
         "n_true": n_true.tolist(),
+        "alone": alone.tolist(),
+        "mixed": mixed.tolist(),
     }
 
 
@@ -531,6 +539,20 @@ def _weakest(ev: dict[str, Any], k: int = 3) -> list[tuple[int, float]]:
     return [(i, float(mean[i])) for i in order[:k]]
 
 
+def _alone_and_mixed(ev: dict[str, Any]) -> np.ndarray | None:
+    """``[class, (alone, mixed), (cells, called)]`` summed over sizes; None for an evaluation without the split."""
+    sizes = list(ev["by_size"].values())
+    if not sizes or any("alone" not in s for s in sizes):
+        return None
+    return np.stack(
+        [np.asarray([s["alone"] for s in sizes]).sum(0), np.asarray([s["mixed"] for s in sizes]).sum(0)], axis=1
+    )
+
+
+def _rate(hits: int, n: int) -> str:
+    return "n/a (0 cells)" if n == 0 else f"{100.0 * hits / n:.0f}% of {n}"
+
+
 def _card_sections(
     ev: dict[str, Any],
     old: dict[str, Any] | None,
@@ -538,7 +560,7 @@ def _card_sections(
     old_real: dict | None,
     names: tuple[str, str] = ("new model", "previous model"),
 ) -> str:
-    from locus.service.classes import CLASS_NAMES
+    from locus.service.classes import CLASS_NAMES, NUM_CLASSES
 
     sizes = sorted(int(s) for s in ev["by_size"])
     lines = ["", "## Accuracy at every field size", ""]
@@ -572,6 +594,19 @@ def _card_sections(
     lines.append(
         "Weakest classes (mean AP over sizes): " + ", ".join(f"{CLASS_NAMES[i]} {v:.2f}" for i, v in weak) + "."
     )
+    split = _alone_and_mixed(ev)
+    if split is not None:
+        lines += [
+            "",
+            "How often a class is called on its matched cells (all sizes), when it is the cell's only "
+            "label and when it lies under another pattern:",
+            "",
+        ]
+        lines += ["| class | alone | in a mixture |", "|---|---:|---:|"]
+        for i, _ in _weakest(ev, NUM_CLASSES):  # weakest first
+            (na, ha), (nm, hm) = split[i]
+            if na + nm:
+                lines.append(f"| {CLASS_NAMES[i]} | {_rate(ha, na)} | {_rate(hm, nm)} |")
     if real:
         lines += ["", "## Real validation fields (image labels only; never trained on)", ""]
         lines.append(

@@ -1,0 +1,54 @@
+"""``locus default-model``'s evaluation: held-out scoring through the served pipeline and the card it writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from locus.service.classes import CLASS_NAMES
+from locus.service.config import PipelineSettings
+from locus.service.factory import build_pipeline
+from locus.service.settings import DEFAULT_MODEL_DIR
+from locus.training.default_model import _card_sections, score_folder
+from locus.training.sim.generator import SimConfig, write_dataset
+
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "manifest.json").is_file(), reason=f"default model not present at {DEFAULT_MODEL_DIR}"
+)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("heldout") / "sim"
+    # every field gets one more localisation, so both single-label and mixed cells occur
+    write_dataset(folder, 3, seed=4711, config=SimConfig(size=512, extra_label_rate=1.0), progress=False)
+    pipeline = build_pipeline(PipelineSettings(model_dir=str(DEFAULT_MODEL_DIR), segmenter="classical"))
+    return score_folder(pipeline, folder)
+
+
+@pytest.mark.slow
+def test_alone_and_mixed_split_every_matched_cell_of_a_class(scored: dict):
+    alone, mixed = np.asarray(scored["alone"]), np.asarray(scored["mixed"])
+    confusion, n_true = np.asarray(scored["confusion"]), np.asarray(scored["n_true"])
+    # each matched cell of class c is either its only label or one of several
+    assert np.array_equal(alone[:, 0] + mixed[:, 0], n_true)
+    # a hit is the class called on its own cell: the confusion's diagonal
+    assert np.array_equal(alone[:, 1] + mixed[:, 1], np.diag(confusion))
+    assert mixed[:, 0].sum() > 0 and alone[:, 0].sum() > 0
+    assert (alone[:, 1] <= alone[:, 0]).all() and (mixed[:, 1] <= mixed[:, 0]).all()
+
+
+@pytest.mark.slow
+def test_card_tables_the_alone_and_mixed_rates(scored: dict):
+    ev = {"by_size": {"512": scored}, "worst_map": scored["map"], "worst_size": 512, "tta": 1}
+    text = _card_sections(ev, None, None, None)
+    assert "| class | alone | in a mixture |" in text
+    alone, mixed = np.asarray(scored["alone"]), np.asarray(scored["mixed"])
+    c = int(np.argmax(mixed[:, 0]))  # the class with the most mixed cells has a row with its counts
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| {CLASS_NAMES[c]} |")]
+    assert f"of {mixed[c, 0]} |" in row
+    if alone[c, 0]:
+        assert f"{100 * alone[c, 1] / alone[c, 0]:.0f}% of {alone[c, 0]}" in row
+    # an evaluation written before the split existed still renders, without the table
+    old = {k: v for k, v in scored.items() if k not in ("alone", "mixed")}
+    assert "in a mixture" not in _card_sections({**ev, "by_size": {"512": old}}, None, None, None)
