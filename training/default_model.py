@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     # 0.4 was tried (stop 23): held-out mAP 0.691-0.744 against 0.722-0.773 for the installed model, real
     # image-level mAP 0.783 against 0.900, so the default model is trained without extra labels.
     "extra_label_rate": 0.0,
+    "diffuse_partner_rate": 0.3,
 }
 
 #: Training mix: (field side px, (low, high) median cell diameter px, share of the training fields).
@@ -134,6 +135,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="HPA-sim training fields: probability of one more, randomly drawn localisation (mixtures; "
         f"default {d['extra_label_rate']}); the held-out fields keep the generator's default (0)",
     )
+    parser.add_argument(
+        "--diffuse-partner-rate",
+        type=float,
+        default=d["diffuse_partner_rate"],
+        metavar="P",
+        help="HPA-sim training fields: probability that a field without nucleoplasm or cytosol gains one of them "
+        f"(default {d['diffuse_partner_rate']}); the held-out fields keep the generator's default (0)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes for data generation and crops")
     parser.add_argument(
         "--segmenter",
@@ -198,14 +207,26 @@ def _simulate(folder: Path, n: int, seed: int, config: Any, start: int, workers:
 
 
 def _train_sets(
-    work: Path, n_fields: int, seed: int, workers: int, keep: bool, progress: bool, extra_label_rate: float = 0.0
+    work: Path,
+    n_fields: int,
+    seed: int,
+    workers: int,
+    keep: bool,
+    progress: bool,
+    extra_label_rate: float = 0.0,
+    diffuse_partner_rate: float = 0.0,
 ) -> list[Path]:
     from locus.training.sim.generator import SimConfig
 
     out = []
     for j, (size, drange, share) in enumerate(TRAIN_MIX):
         n = max(2, int(round(n_fields * share)))
-        cfg = SimConfig(size=size, cell_diameter_range=drange, extra_label_rate=extra_label_rate)
+        cfg = SimConfig(
+            size=size,
+            cell_diameter_range=drange,
+            extra_label_rate=extra_label_rate,
+            diffuse_partner_rate=diffuse_partner_rate,
+        )
         out.append(_simulate(work / f"sim-train-{size}", n, seed, cfg, j * 10_000, workers, keep, progress))
     return out
 
@@ -732,7 +753,16 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     train_dirs = (
         []
         if eval_only
-        else _train_sets(work, args.fields, args.seed, args.workers, args.keep_data, progress, args.extra_label_rate)
+        else _train_sets(
+            work,
+            args.fields,
+            args.seed,
+            args.workers,
+            args.keep_data,
+            progress,
+            args.extra_label_rate,
+            getattr(args, "diffuse_partner_rate", 0.0),
+        )
     )
     heldout = _heldout_sets(work, sizes, args.heldout_scale, args.seed + 1, args.workers, args.keep_data, progress)
     t_sim = time.time() - t0
@@ -783,7 +813,9 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
             else "weak labels: each cell inherits its image's labels (the Kaggle setting)."
         ),
         f"built by `locus default-model` with {args.fields} HPA-sim training fields mixing sizes and "
-        f"magnifications ({mix}; seed {args.seed}); data generation {t_sim:.0f} s.",
+        f"magnifications ({mix}; seed {args.seed}; HPA-sim diffuse_partner_rate "
+        f"{getattr(args, 'diffuse_partner_rate', 0.0)}, extra_label_rate {args.extra_label_rate}); data generation "
+        f"{t_sim:.0f} s.",
         f"pixel_size {pixel_size} um: the centre (geometric mean) of the trained cell sizes, {lo:.0f}-{hi:.0f} px "
         f"(HPA-sim cells are {REF_CELL_DIAMETER_PX:.0f} px across at {_REF_PIXEL_SIZE_UM} um per pixel).",
     ]

@@ -295,3 +295,49 @@ def test_default_model_reuses_kept_data_only_when_it_is_the_same(tmp_path: Path)
     assert _same_sim(out, 2, 5, cfg, 0)
     assert not _same_sim(out, 2, 5, SimConfig(size=128, extra_label_rate=0.4), 0)
     assert not _same_sim(out, 3, 5, cfg, 0) and not _same_sim(out, 2, 6, cfg, 0)
+
+
+def test_diffuse_partner_rate_adds_nucleoplasm_or_cytosol():
+    """A field lacking both diffuse localisations gains one of them, painted on its cells; others are unchanged."""
+    plain = SimConfig(size=128)
+    mixed = SimConfig(size=128, diffuse_partner_rate=1.0)
+    grown = 0
+    for i in range(30):
+        a, b = generate_field(i, 5, plain), generate_field(i, 5, mixed)
+        diffuse = {0, 16} & set(a.field_labels)
+        if a.field_labels == [NEGATIVE] or diffuse or len(a.field_labels) == 3:
+            assert b.field_labels == a.field_labels
+            np.testing.assert_array_equal(a.image, b.image)
+            continue
+        assert b.field_labels[0] == a.field_labels[0] and len(b.field_labels) == len(a.field_labels) + 1
+        (extra,) = set(b.field_labels) - set(a.field_labels)
+        assert extra in (0, 16)
+        assert any(extra in v for v in b.cell_labels.values())
+        grown += 1
+    assert grown >= 10
+
+
+def test_diffuse_partner_rate_is_checked_recorded_and_keyed(tmp_path: Path):
+    from locus.cli import main
+    from locus.training.default_model import _same_sim
+
+    with pytest.raises(ValueError, match="diffuse_partner_rate"):
+        SimConfig(diffuse_partner_rate=-0.1)
+    out = tmp_path / "diffuse"
+    rc = main(["sim", "--n", "1", "--size", "128", "--out", str(out), "--diffuse-partner-rate", "0.3", "--no-progress"])
+    assert rc == 0
+    assert json.loads((out / "sim.json").read_text())["config"]["diffuse_partner_rate"] == 0.3
+    assert _same_sim(out, 1, 0, SimConfig(size=128, diffuse_partner_rate=0.3), 0)
+    assert not _same_sim(out, 1, 0, SimConfig(size=128), 0)
+
+
+def test_default_model_training_sets_carry_the_mixture_options(tmp_path: Path):
+    """``locus default-model`` draws every size of its training mix with the rates it was given."""
+    from locus.training.default_model import TRAIN_MIX, _train_sets
+
+    folders = _train_sets(tmp_path, 4, 7, 1, False, False, extra_label_rate=0.1, diffuse_partner_rate=0.5)
+    assert len(folders) == len(TRAIN_MIX)
+    for folder, (size, drange, _) in zip(folders, TRAIN_MIX, strict=True):
+        meta = json.loads((folder / "sim.json").read_text())
+        assert meta["config"]["size"] == size and tuple(meta["config"]["cell_diameter_range"]) == drange
+        assert meta["config"]["diffuse_partner_rate"] == 0.5 and meta["config"]["extra_label_rate"] == 0.1

@@ -51,6 +51,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="probability that a field gets one more, randomly drawn localisation (mixtures; default 0)",
     )
+    parser.add_argument(
+        "--diffuse-partner-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability that a field without nucleoplasm or cytosol gains one of them (default 0)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -81,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             mitotic_fraction=args.mitotic_fraction,
             noise=args.noise,
             extra_label_rate=args.extra_label_rate,
+            diffuse_partner_rate=args.diffuse_partner_rate,
             cell_diameter_px=getattr(args, "cell_diameter", None),
             pixel_size_um=getattr(args, "pixel_size", None),
         )

@@ -76,6 +76,9 @@ PRIMARY_CYCLE_LENGTH = len(_PRIMARY_CYCLE)
 _CYCLE_SALT = 0x48504153494D  # "HPASIM": keeps the cycle's seed stream apart from the fields' streams
 
 
+#: The diffuse localisations (nucleoplasm, cytosol): ``SimConfig.diffuse_partner_rate`` adds one of them.
+_DIFFUSE: frozenset[int] = frozenset({0, 16})
+
 #: Co-occurring partners of a primary class: (partner, probability).
 _PARTNERS: dict[int, list[tuple[int, float]]] = {
     0: [(16, 0.45), (2, 0.08), (5, 0.06), (4, 0.04), (1, 0.04)],
@@ -140,6 +143,13 @@ class SimConfig:
         combinations that a partner table never draws (about half of them have more than one label), and a
         model trained on few mixtures misses a pattern whenever another one is laid over it. 0 (the
         default) leaves the random stream, and so every field, as without the option.
+    diffuse_partner_rate : float
+        Probability that a field with a protein but with neither nucleoplasm nor cytosol in its set (and fewer
+        than three localisations) gains one of the two, drawn at even odds. In HPA's data these two diffuse
+        localisations are the commonest and co-occur with nearly every other one; a model that has seen a
+        specific pattern only with a dark nucleus and cytoplasm learns that darkness as part of the pattern,
+        and misses mitochondria over a stained nucleoplasm or nuclear bodies in a stained cytosol. 0 (the
+        default) leaves the random stream, and so every field, as without the option.
     max_supersample : int
         Pixel integration: a field whose scale is below :data:`MIN_RENDER_SCALE` is drawn at up to this
         many times its side and reduced by area averaging before the noise, as a camera pixel integrates
@@ -157,6 +167,7 @@ class SimConfig:
     illumination: float = 1.0
     max_supersample: int = 4
     extra_label_rate: float = 0.0
+    diffuse_partner_rate: float = 0.0
     cell_diameter_px: float | None = None
     pixel_size_um: float | None = None
     cell_diameter_range: tuple[float, float] | None = None
@@ -215,6 +226,8 @@ class SimConfig:
             raise ValueError(f"pixel_size_um must be within 0.005-5, got {self.pixel_size_um}")
         if not 0.0 <= self.extra_label_rate <= 1.0:
             raise ValueError(f"extra_label_rate must be within 0-1, got {self.extra_label_rate}")
+        if not 0.0 <= self.diffuse_partner_rate <= 1.0:
+            raise ValueError(f"diffuse_partner_rate must be within 0-1, got {self.diffuse_partner_rate}")
         self.n_cells = (int(self.n_cells[0]), int(self.n_cells[1]))
         if not 1 <= self.n_cells[0] <= self.n_cells[1]:
             raise ValueError(f"n_cells must be a range lo <= hi with lo >= 1, got {self.n_cells}")
@@ -285,6 +298,13 @@ def _sample_field_set(rng: np.random.Generator, config: SimConfig, seed: int, in
     if config.extra_label_rate > 0 and len(labels) < 3 and rng.random() < config.extra_label_rate:
         options = [c for c in range(NEGATIVE) if c not in labels]
         labels.add(int(rng.choice(options)))
+    if (
+        config.diffuse_partner_rate > 0
+        and len(labels) < 3
+        and not labels & _DIFFUSE
+        and rng.random() < config.diffuse_partner_rate
+    ):
+        labels.add(int(rng.choice(sorted(_DIFFUSE))))
     return [primary] + sorted(labels - {primary})
 
 
