@@ -761,7 +761,7 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
             args.keep_data,
             progress,
             args.extra_label_rate,
-            getattr(args, "diffuse_partner_rate", 0.0),
+            args.diffuse_partner_rate,
         )
     )
     heldout = _heldout_sets(work, sizes, args.heldout_scale, args.seed + 1, args.workers, args.keep_data, progress)
@@ -814,7 +814,7 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
         ),
         f"built by `locus default-model` with {args.fields} HPA-sim training fields mixing sizes and "
         f"magnifications ({mix}; seed {args.seed}; HPA-sim diffuse_partner_rate "
-        f"{getattr(args, 'diffuse_partner_rate', 0.0)}, extra_label_rate {args.extra_label_rate}); data generation "
+        f"{args.diffuse_partner_rate}, extra_label_rate {args.extra_label_rate}); data generation "
         f"{t_sim:.0f} s.",
         f"pixel_size {pixel_size} um: the centre (geometric mean) of the trained cell sizes, {lo:.0f}-{hi:.0f} px "
         f"(HPA-sim cells are {REF_CELL_DIAMETER_PX:.0f} px across at {_REF_PIXEL_SIZE_UM} um per pixel).",
