@@ -17,8 +17,12 @@ is padded. Pairs are processed in groups so that memory stays bounded by
 
 Completeness: the attributions of a pair sum to ``f(x) - f(x')`` up to the quadrature
 error. Every :class:`AttributionMap` reports it, absolute and relative
-(``|sum - delta| / max(|delta|, eps)``). With the default 128 steps it is far below
-5 % for typical cells (see ``benchmarks/bench_attribution.py``).
+(``|sum - delta| / max(|delta|, eps)``). A confident model's probability can rise steeply
+over a short stretch of the path, where a fixed step count converges slowly; with
+``tolerance`` the pairs still over it are refined (midpoints only, so ``2n`` steps cost
+``n`` more evaluations) until they meet it or reach ``max_steps``, within an optional
+budget of evaluations. The service does this by default (``LOCUS_IG_TOLERANCE``, 5 %);
+``benchmarks/bench_attribution.py`` measures the error against the step count.
 
 Encoding (:func:`encode_map` / :func:`decode_map`): ``"png16-signed"``, a JSON object
 ``{"encoding": "png16-signed", "shape": [h, w], "scale": s, "data": <base64 16-bit PNG>}``
@@ -204,6 +208,7 @@ def integrated_gradients(
     pair_group: int = 16,
     max_steps: int = MAX_STEPS,
     tolerance: float | None = None,
+    max_evaluations: int | None = None,
     input_names: Sequence[str] = ("image", "weights"),
     output_names: Sequence[str] = ("gradients", "probabilities"),
     stop: Callable[[], bool] | None = None,
@@ -231,9 +236,15 @@ def integrated_gradients(
     max_steps : int
         Upper limit on ``steps`` (and on the refinement below).
     tolerance : float, optional
-        When set, pairs whose relative completeness error exceeds it are recomputed with twice
-        the steps, repeatedly, while the step count stays within ``max_steps``; each map reports
-        the steps it finally used.
+        When set, pairs whose relative completeness error exceeds it are refined to twice the
+        steps, repeatedly, while the step count stays within ``max_steps``: each refinement
+        evaluates only the midpoints of the current intervals (``n`` more evaluations for ``2n``
+        steps; the trapezoid sum at ``2n`` is half the one at ``n`` plus the midpoint sum over
+        ``2n``). Each map reports the steps it finally used.
+    max_evaluations : int, optional
+        Most gradient-model evaluations in all (the first pass included); refinement stops
+        where the next one would go over it, refining the worst pairs first. The first pass is
+        not bounded here (the caller checks its cost, :func:`gradient_evaluations`).
     input_names, output_names : sequence of str
         Names of the gradient model's inputs (image, weights) and outputs (gradients, probabilities).
     stop : callable, optional
@@ -270,16 +281,9 @@ def integrated_gradients(
     base = make_baseline(inputs, baseline)
     diff = inputs - base
     run = _Runner(session, batch_size, size, input_names, output_names, pair_group, stop)
-    maps = run.pairs(base, diff, pairs, steps, base_name)
-    if tolerance is not None:
-        current = steps
-        while current * 2 <= max_steps:
-            todo = [j for j, m in enumerate(maps) if m.completeness_rel > tolerance]
-            if not todo:
-                break
-            current *= 2
-            for j, m in zip(todo, run.pairs(base, diff, [pairs[j] for j in todo], current, base_name), strict=True):
-                maps[j] = m
+    maps = run.pairs(
+        base, diff, pairs, steps, base_name, tolerance=tolerance, max_steps=max_steps, max_evaluations=max_evaluations
+    )
     results: list[list[AttributionMap]] = [[] for _ in range(n)]
     for m in maps:
         results[m.cell_index].append(m)
@@ -306,66 +310,119 @@ class _Runner:
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self.pair_group = pair_group
+        self.spent = 0  # gradient-model evaluations so far (rows with a pair; padding not counted)
 
     def pairs(
-        self, base: np.ndarray, diff: np.ndarray, pairs: list[tuple[int, int]], steps: int, base_name: str
+        self,
+        base: np.ndarray,
+        diff: np.ndarray,
+        pairs: list[tuple[int, int]],
+        steps: int,
+        base_name: str,
+        *,
+        tolerance: float | None = None,
+        max_steps: int = MAX_STEPS,
+        max_evaluations: int | None = None,
     ) -> list[AttributionMap]:
-        """IG maps of ``pairs`` (cell index, class id), in order."""
-        bsz, size = self.batch_size, self.size
+        """IG maps of ``pairs`` (cell index, class id), in order, refined group by group (see ``tolerance``)."""
         alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float64)
         quad = np.full(steps + 1, 1.0 / steps)
         quad[0] = quad[-1] = 0.5 / steps
-        image_buf = np.zeros((bsz, size, size, 4), np.float32)
-        weight_buf = np.zeros((bsz, NUM_CLASSES), np.float32)
-        per_pair = steps + 1
         out: list[AttributionMap] = []
         for g0 in range(0, len(pairs), self.pair_group):
             group = pairs[g0 : g0 + self.pair_group]
-            acc = np.zeros((len(group), size, size, 4), np.float64)
-            f_end = np.zeros((len(group), 2), np.float64)  # p_c(baseline), p_c(x)
-            total = len(group) * per_pair
-            for r0 in range(0, total, bsz):
-                if self.stop is not None and self.stop():
-                    raise Cancelled("integrated gradients stopped: the request ran past its time limit")
-                rows = np.arange(r0, min(r0 + bsz, total))
-                j_idx, k_idx = np.divmod(rows, per_pair)
-                weight_buf[:] = 0.0
-                for r, (j, k) in enumerate(zip(j_idx, k_idx, strict=True)):
-                    cell, cls = group[j]
-                    image_buf[r] = base[cell] + np.float32(alphas[k]) * diff[cell]
-                    weight_buf[r, cls] = 1.0
-                if len(rows) < bsz:  # pad the last batch; padded rows have zero weight
-                    image_buf[len(rows) :] = 0.0
-                grads, probs = self.session.run(
-                    self.output_names, {self.input_names[0]: image_buf, self.input_names[1]: weight_buf}
-                )
-                for r, (j, k) in enumerate(zip(j_idx, k_idx, strict=True)):
-                    acc[j] += quad[k] * grads[r]
-                    if k == 0:
-                        f_end[j, 0] = probs[r, group[j][1]]
-                    elif k == steps:
-                        f_end[j, 1] = probs[r, group[j][1]]
+            trap, probs = self._weighted_sum(base, diff, group, alphas, quad)
+            f_end = probs[:, [0, -1]]  # p_c(baseline), p_c(x)
+            used = np.full(len(group), steps)
+            rel = np.array([self._errors(trap[j], diff[c], f_end[j])[1] for j, (c, _) in enumerate(group)])
+            current = steps
+            while tolerance is not None and current * 2 <= max_steps:
+                todo = [j for j in np.argsort(-rel) if rel[j] > tolerance and used[j] == current]
+                if max_evaluations is not None:  # the worst pairs first, as many as the budget still pays for
+                    todo = todo[: max(0, (max_evaluations - self.spent) // current)]
+                if not todo:
+                    break
+                # T_2n = T_n / 2 + (1 / 2n) * sum of the gradients at the n midpoints: the n + 1 points already
+                # evaluated are reused, a refinement costs n evaluations per pair
+                mids = (np.arange(current, dtype=np.float64) + 0.5) / current
+                sub = [group[j] for j in todo]
+                mid_sum, _ = self._weighted_sum(base, diff, sub, mids, np.full(current, 0.5 / current))
+                for r, j in enumerate(todo):
+                    trap[j] = 0.5 * trap[j] + mid_sum[r]
+                    used[j] = 2 * current
+                    rel[j] = self._errors(trap[j], diff[group[j][0]], f_end[j])[1]
+                current *= 2
             for j, (cell, cls) in enumerate(group):
-                attr = acc[j] * diff[cell]
-                totals = attr.sum(axis=(0, 1))
-                delta = f_end[j, 1] - f_end[j, 0]
-                err = abs(float(totals.sum()) - delta)
+                attr = trap[j] * diff[cell]
+                err, err_rel = self._errors(trap[j], diff[cell], f_end[j])
                 out.append(
                     AttributionMap(
                         cell_index=cell,
                         class_id=cls,
                         attribution=attr.sum(axis=2).astype(np.float32),
-                        channel_totals=totals,
+                        channel_totals=attr.sum(axis=(0, 1)),
                         f_input=float(f_end[j, 1]),
                         f_baseline=float(f_end[j, 0]),
                         completeness_abs=err,
-                        completeness_rel=err / max(abs(delta), COMPLETENESS_EPS),
-                        steps=steps,
+                        completeness_rel=err_rel,
+                        steps=int(used[j]),
                         baseline=base_name,
                     )
                 )
-            del acc
+            del trap
         return out
+
+    @staticmethod
+    def _errors(trap: np.ndarray, diff: np.ndarray, f_end: np.ndarray) -> tuple[float, float]:
+        """Absolute and relative completeness error of one pair's quadrature ``trap`` (S, S, 4)."""
+        delta = float(f_end[1] - f_end[0])
+        err = abs(float((trap * diff).sum()) - delta)
+        return err, err / max(abs(delta), COMPLETENESS_EPS)
+
+    def _weighted_sum(
+        self,
+        base: np.ndarray,
+        diff: np.ndarray,
+        group: list[tuple[int, int]],
+        alphas: np.ndarray,
+        weights: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``sum_k weights[k] * grad p_c(base + alphas[k] * diff)`` per pair, and ``p_c`` at every alpha.
+
+        Returns
+        -------
+        sums : numpy.ndarray
+            (len(group), S, S, 4) ``float64``.
+        probs : numpy.ndarray
+            (len(group), len(alphas)) ``float64``: the pair's class probability at each point.
+        """
+        bsz, size = self.batch_size, self.size
+        per_pair = len(alphas)
+        image_buf = np.zeros((bsz, size, size, 4), np.float32)
+        weight_buf = np.zeros((bsz, NUM_CLASSES), np.float32)
+        acc = np.zeros((len(group), size, size, 4), np.float64)
+        probs_at = np.zeros((len(group), per_pair), np.float64)
+        total = len(group) * per_pair
+        for r0 in range(0, total, bsz):
+            if self.stop is not None and self.stop():
+                raise Cancelled("integrated gradients stopped: the request ran past its time limit")
+            rows = np.arange(r0, min(r0 + bsz, total))
+            j_idx, k_idx = np.divmod(rows, per_pair)
+            weight_buf[:] = 0.0
+            for r, (j, k) in enumerate(zip(j_idx, k_idx, strict=True)):
+                cell, cls = group[j]
+                image_buf[r] = base[cell] + np.float32(alphas[k]) * diff[cell]
+                weight_buf[r, cls] = 1.0
+            if len(rows) < bsz:  # pad the last batch; padded rows have zero weight
+                image_buf[len(rows) :] = 0.0
+            grads, probs = self.session.run(
+                self.output_names, {self.input_names[0]: image_buf, self.input_names[1]: weight_buf}
+            )
+            for r, (j, k) in enumerate(zip(j_idx, k_idx, strict=True)):
+                acc[j] += weights[k] * grads[r]
+                probs_at[j, k] = probs[r, group[j][1]]
+        self.spent += total
+        return acc, probs_at
 
 
 def encode_map(arr: np.ndarray) -> dict[str, Any]:

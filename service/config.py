@@ -27,6 +27,7 @@ __all__ = [
     "REPO_MODELS",
     "IG_STEPS",
     "IG_MAX_STEPS",
+    "IG_TOLERANCE",
     "IG_MAX_CELLS",
     "IG_BASELINE",
     "IG_BUDGET",
@@ -45,7 +46,11 @@ DEFAULT_MODEL_DIR = REPO_MODELS / "locus-sim-b0"
 IG_STEPS = 64
 """Default integrated-gradient steps (trapezoid intervals; ``steps + 1`` gradient evaluations per cell and class)."""
 IG_MAX_STEPS = 512
-"""Largest step count a caller may ask for."""
+"""Largest step count a caller may ask for, and the most a map is refined to (see ``IG_TOLERANCE``)."""
+IG_TOLERANCE = 0.05
+"""Relative completeness error a map must meet: maps over it are refined to 2x, 4x ... the steps (midpoints only),
+up to ``IG_MAX_STEPS`` and within ``IG_BUDGET``; each map reports the steps it used. 5 % is the bound of the IG paper
+(Sundararajan et al. 2017) for a converged integral."""
 IG_MAX_CELLS = 64
 """Largest number of cells given attribution maps in one field."""
 IG_BUDGET = 16384
@@ -194,7 +199,16 @@ class PipelineSettings(BaseSettings):
 
     # Attributions (integrated gradients)
     ig_steps: int = Field(IG_STEPS, ge=2, description="Default number of integrated-gradient steps")
-    ig_max_steps: int = Field(IG_MAX_STEPS, ge=2, description="Largest step count a request may ask for")
+    ig_max_steps: int = Field(
+        IG_MAX_STEPS, ge=2, description="Largest step count a request may ask for, and the most a map is refined to"
+    )
+    ig_tolerance: float = Field(
+        IG_TOLERANCE,
+        ge=0.0,
+        le=1.0,
+        description="Relative completeness error a map must meet; maps over it are refined to 2x, 4x ... the steps "
+        "(within ig_max_steps and ig_budget); 0 turns refinement off",
+    )
     ig_max_cells: int = Field(IG_MAX_CELLS, ge=1, description="Largest number of cells with attributions per field")
     ig_budget: int = Field(
         IG_BUDGET, ge=1, description="Most gradient evaluations (cells x classes x (steps + 1)) per field"

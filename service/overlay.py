@@ -324,6 +324,9 @@ def run(args: argparse.Namespace) -> int:
         attributions=args.attributions,
         ig_steps=args.steps or settings.ig_steps,
         ig_baseline=args.baseline,
+        ig_tolerance=settings.ig_tolerance,
+        ig_max_steps=settings.ig_max_steps,
+        ig_budget=settings.ig_budget,
         ig_max_cells=max(0, args.max_cells),
         attribute_top=True,
     )
@@ -334,9 +337,12 @@ def run(args: argparse.Namespace) -> int:
         attributions = {
             c.record.id: (c.attributions[0].box, c.attributions[0].map) for c in result.cells if c.attributions
         }
-        worst = max((c.attributions[0].result.completeness_rel for c in result.cells if c.attributions), default=0.0)
+        results = [c.attributions[0].result for c in result.cells if c.attributions]
+        worst = max((r.completeness_rel for r in results), default=0.0)
+        steps = sorted({r.steps for r in results}) or [options.ig_steps]
         print(
-            f"attributions: {len(attributions)} cells, {options.ig_steps} steps, worst completeness error {worst:.2%}"
+            f"attributions: {len(attributions)} cells, {'/'.join(map(str, steps))} steps, "
+            f"worst completeness error {worst:.2%}"
         )
     rgb = render_overlay(image, result.cell_labels, cells, attributions, max_side=args.max_side)
     out = save_png(rgb, args.out)

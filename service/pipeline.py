@@ -18,7 +18,15 @@ import numpy as np
 
 from locus.service.cells import CellRecord
 from locus.service.classes import CLASS_NAMES, NUM_CLASSES
-from locus.service.config import IG_BASELINE, IG_BUDGET, IG_MAX_CELLS, IG_STEPS, MAX_MAP_BYTES
+from locus.service.config import (
+    IG_BASELINE,
+    IG_BUDGET,
+    IG_MAX_CELLS,
+    IG_MAX_STEPS,
+    IG_STEPS,
+    IG_TOLERANCE,
+    MAX_MAP_BYTES,
+)
 from locus.service.crop import crop_cells
 from locus.service.encoding import encode_label_masks, format_prediction_string, rle_to_kaggle
 from locus.service.field_context import blend_field_context, check_weight
@@ -49,6 +57,11 @@ class ClassifyOptions:
         Classes to explain in every cell instead of its predicted labels.
     ig_steps : int
         Integrated-gradient steps.
+    ig_tolerance : float, optional
+        Relative completeness error each map must meet: maps over it are refined to 2x, 4x ... the
+        steps, up to ``ig_max_steps`` and within ``ig_budget``. None or 0: no refinement.
+    ig_max_steps : int
+        The most steps a map is refined to.
     ig_baseline : str
         ``"black"`` or ``"blur"``.
     ig_max_cells : int
@@ -56,7 +69,7 @@ class ClassifyOptions:
     ig_budget : int, optional
         Most gradient-model evaluations (cells x classes x (steps + 1)) the attributions of one
         field may cost; more is refused with :class:`~locus.service.problems.WorkLimitError`
-        before any is computed. None: no bound.
+        before any is computed, and refinement (``ig_tolerance``) stays within it. None: no bound.
     max_map_bytes : int, optional
         Most bytes the encoded attribution maps of one field may take in the answer (each map is a
         16-bit PNG of the cell's box, base64: at most about 2.7 bytes per box pixel); more is refused
@@ -89,6 +102,8 @@ class ClassifyOptions:
     attributions: bool = False
     attribution_classes: tuple[int, ...] | None = None
     ig_steps: int = IG_STEPS
+    ig_tolerance: float | None = IG_TOLERANCE
+    ig_max_steps: int = IG_MAX_STEPS
     ig_baseline: str = IG_BASELINE
     ig_max_cells: int = IG_MAX_CELLS
     attribute_top: bool = False
@@ -434,7 +449,9 @@ class Pipeline:
             targets,
             steps=options.ig_steps,
             baseline=options.ig_baseline,
-            max_steps=max(options.ig_steps, 2),
+            max_steps=max(options.ig_steps, options.ig_max_steps),
+            tolerance=options.ig_tolerance or None,
+            max_evaluations=options.ig_budget,
             stop=stop,
         )
         rule = self.classifier.crop_rule

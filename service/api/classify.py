@@ -189,6 +189,16 @@ async def classify(
         int | None, Query(ge=2, description="Integrated-gradient steps (default from settings)")
     ] = None,
     ig_baseline: Annotated[Literal["black", "blur"], Query(description="Integrated-gradient baseline")] = "black",
+    ig_tolerance: Annotated[
+        float | None,
+        Query(
+            ge=0.0,
+            le=1.0,
+            description="Relative completeness error each map must meet; maps over it are refined to 2x, 4x ... "
+            "the steps, within LOCUS_IG_MAX_STEPS and LOCUS_IG_BUDGET (each map reports its steps and error). "
+            "0: no refinement. Default from settings (LOCUS_IG_TOLERANCE, 0.05)",
+        ),
+    ] = None,
     pixel_size: Annotated[
         float | None,
         Query(
@@ -243,6 +253,7 @@ async def classify(
         attribution_classes=attribution_classes,
         ig_steps=ig_steps,
         ig_baseline=ig_baseline,
+        ig_tolerance=ig_tolerance,
         pixel_size=pixel_size,
         hpa_compat=hpa_compat,
         tta=tta,
@@ -272,6 +283,7 @@ def _options(
     attribution_classes: str | None,
     ig_steps: int | None,
     ig_baseline: str,
+    ig_tolerance: float | None = None,
     pixel_size: float | None = None,
     hpa_compat: bool | None = None,
     tta: int | None = None,
@@ -321,6 +333,8 @@ def _options(
         attribution_classes=classes,
         ig_steps=steps,
         ig_baseline=ig_baseline,
+        ig_tolerance=settings.ig_tolerance if ig_tolerance is None else ig_tolerance,
+        ig_max_steps=settings.ig_max_steps,
         ig_max_cells=settings.ig_max_cells,
         ig_budget=settings.ig_budget,
         max_map_bytes=settings.max_map_bytes,

@@ -143,6 +143,50 @@ def test_tolerance_refines_steps(linear):
         assert f[0].completeness_rel <= 1e-3 or f[0].steps == 256
 
 
+def test_refined_maps_equal_a_fresh_run_at_their_steps(linear):
+    """Refinement reuses the evaluated points (midpoints only) and gives the trapezoid sum of a fresh run."""
+    sess, _ = linear
+    x = _cells(4, 16, seed=11)
+    targets = [[0, 7], [1], [2, 18], [3]]
+    refined = integrated_gradients(sess, 8, x, targets, steps=2, tolerance=1e-4, max_steps=64, pair_group=3)
+    steps_seen = {m.steps for maps in refined for m in maps}
+    assert max(steps_seen) > 2, "no pair was refined: the test needs a coarse start"
+    for i, maps in enumerate(refined):
+        for m in maps:
+            fresh = integrated_gradients(sess, 8, x[i : i + 1], [[m.class_id]], steps=m.steps)[0][0]
+            np.testing.assert_allclose(m.attribution, fresh.attribution, rtol=1e-5, atol=1e-9)
+            assert m.completeness_rel == pytest.approx(fresh.completeness_rel, rel=1e-4, abs=1e-9)
+            assert m.completeness_rel <= 1e-4 or m.steps == 64
+
+
+def test_refinement_stays_within_the_evaluation_budget(linear):
+    """With a budget, the first pass is paid in full and refinement takes the worst pairs first while it fits."""
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.rows = inner, 0
+
+        def run(self, names, feeds):
+            self.rows += int((feeds["weights"].sum(axis=1) > 0).sum())
+            return self.inner.run(names, feeds)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    sess, _ = linear
+    x = _cells(6, 16, seed=12)
+    targets = [[c] for c in range(6)]
+    budget = 6 * 3 + 2 * 2  # the first pass at 2 steps (3 evaluations per pair) and two refinements to 4 steps
+    counting = Counting(sess)
+    res = integrated_gradients(counting, 8, x, targets, steps=2, tolerance=1e-6, max_steps=64, max_evaluations=budget)
+    assert counting.rows <= budget
+    coarse = integrated_gradients(sess, 8, x, targets, steps=2)
+    refined = [j for j, maps in enumerate(res) if maps[0].steps > 2]
+    assert len(refined) == 2 and all(res[j][0].steps == 4 for j in refined)
+    worst_two = sorted(range(6), key=lambda j: -coarse[j][0].completeness_rel)[:2]
+    assert sorted(refined) == sorted(worst_two)
+
+
 def test_argument_checks(linear):
     sess, _ = linear
     x = _cells(2, 16)

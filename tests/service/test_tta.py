@@ -92,13 +92,16 @@ def test_pipeline_scores_are_the_mean_over_views(pipeline, synthetic_field) -> N
     np.testing.assert_array_equal(plain.cell_labels, tta.cell_labels)  # only the scores change
     ids = [r.id for r in cell_records(plain.cell_labels)]
     _, batch = crop_cells(synthetic_field, plain.cell_labels, pipeline.classifier.crop_rule, ids)
-    by_hand = np.mean(
-        [pipeline.classifier.predict(np.stack([_hand_views(c)[v] for c in batch])) for v in range(8)], axis=0
+    per_view = np.stack(
+        [pipeline.classifier.predict(np.stack([_hand_views(c)[v] for c in batch])) for v in range(8)]
     )
+    by_hand = per_view.mean(axis=0)
     got = np.stack([c.probabilities for c in tta.cells])
     np.testing.assert_allclose(got, by_hand, atol=1e-5)
     np.testing.assert_allclose(np.stack([c.probabilities for c in plain.cells]), pipeline.classifier.predict(batch))
-    assert not np.allclose(got, np.stack([c.probabilities for c in plain.cells]), atol=1e-4)
+    # the views are different inputs: somewhere the model's scores differ between them (a confident model can agree
+    # on most cells to 1e-4, so this looks at the spread over views rather than at the mean against one view)
+    assert float(np.ptp(per_view, axis=0).max()) > 1e-3
 
 
 def test_pipeline_refuses_other_view_counts(pipeline) -> None:
