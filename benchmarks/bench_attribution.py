@@ -116,6 +116,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[32, 64, 128, 256])
     ap.add_argument("--baseline", default="black", choices=["black", "blur"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="also run each step count with this completeness tolerance (the service's LOCUS_IG_TOLERANCE; 0: skip)",
+    )
+    ap.add_argument("--max-steps", type=int, default=512, help="refinement ceiling (LOCUS_IG_MAX_STEPS)")
     ap.add_argument("--keep", help="save the exported grad.onnx here (reuse it later with --grad)")
     ap.add_argument("--export-to", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -202,6 +209,40 @@ def main() -> None:
     print("\ncompleteness: per-cell relative errors at each step count")
     for steps, _t_cell, _t_req, _eps, rel, *_ in rows:
         print(f"  {steps:>4}: " + " ".join(f"{e:.1e}" for e in rel))
+    if args.tolerance > 0:
+        print(
+            f"\nwith tolerance {args.tolerance:g} (the service's default; refined by midpoints up to {args.max_steps} "
+            "steps: a map refined to n steps cost n + 1 evaluations)"
+        )
+        print(
+            f"{'start':>5} {'s/request':>9} {'evals':>7} {'compl. rel median':>17} {'p90':>9} {'max':>9} "
+            f"{'corr to ' + str(ref_steps):>11}  steps used"
+        )
+        for steps in args.steps:
+            t = time.perf_counter()
+            res_t = integrated_gradients(
+                sess,
+                batch,
+                cells,
+                targets,
+                steps=steps,
+                baseline=args.baseline,
+                tolerance=args.tolerance,
+                max_steps=max(steps, args.max_steps),
+            )
+            t_req = time.perf_counter() - t
+            maps = [r[0] for r in res_t]
+            rel = np.array([m.completeness_rel for m in maps])
+            used = [m.steps for m in maps]
+            corr = min(
+                float(np.corrcoef(m.attribution.ravel(), b.ravel())[0, 1])
+                for m, b in zip(maps, maps_by_steps[ref_steps], strict=True)
+            )
+            hist = ", ".join(f"{k}: {used.count(k)}" for k in sorted(set(used)))
+            print(
+                f"{steps:>5} {t_req:>9.2f} {sum(u + 1 for u in used):>7} {np.median(rel):>17.2e} "
+                f"{np.percentile(rel, 90):>9.2e} {rel.max():>9.2e} {corr:>11.6f}  {hist}"
+            )
     f_delta = [abs(m.f_input - m.f_baseline) for m in (r[0] for r in res)]
     print(f"|f(x) - f(baseline)| over the cells: median {np.median(f_delta):.3f}, min {np.min(f_delta):.3g}")
     if tmp is not None:
