@@ -437,15 +437,29 @@ def _golgi(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
 
 
 def _intermediate_filaments(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    """Intermediate filaments (vimentin-like): a dense perinuclear cage of long, wavy, bundled fibres.
+
+    Unlike microtubules (fine, fairly straight fibres radiating from the centrosome over the whole cell), the
+    filaments wrap around the nucleus: fibres start mostly near it, head tangentially to it and wander, thicker
+    than a microtubule, thinning out towards the cell edge, over a faint perinuclear haze.
+    """
+    g, rng = ctx.geo, ctx.rng
     sel = _sel(ctx, ids)
-    weight = 0.4 + 0.6 * np.exp(-ctx.d_nuc_out / np.float32(ctx.px(60.0)))
-    starts = ctx.sample_points(ctx.cyto & sel, 1.0 / 2200.0, weight)
+    weight = 0.1 + 0.9 * np.exp(-ctx.d_nuc_out / np.float32(ctx.px(30.0)))
+    starts = ctx.sample_points(ctx.cyto & sel, 1.0 / 1100.0, weight)
+    if len(starts) == 0:
+        return np.zeros(ctx.shape, np.float32)
     own = ctx.cells[starts[:, 1].astype(int), starts[:, 0].astype(int)].astype(np.int64)
-    step = ctx.px(10.0)
-    pts = walk(starts, ctx.rng.uniform(0, 2 * np.pi, len(starts)), step, 30, 0.16, ctx.rng)
-    fib = draw_fibres(ctx.shape, pts, own, ctx.cells, thickness=_thin(ctx), prefix=True, rng=ctx.rng)
-    fib = cv2.GaussianBlur(fib, (0, 0), max(0.5, ctx.px(1.2)))
-    return (np.minimum(fib, 1.5) + 0.05) * ctx.cyto * sel
+    centre = g.nuc_center[own - 1]
+    radial = np.arctan2(starts[:, 1] - centre[:, 1], starts[:, 0] - centre[:, 0])
+    turn = np.where(rng.random(len(starts)) < 0.5, np.pi / 2, -np.pi / 2)
+    ang = radial + turn + rng.normal(0.0, 0.4, len(starts))
+    pts = walk(starts, ang, ctx.px(6.0), 44, 0.22, rng)
+    thick = max(1, int(round(ctx.px(3.5))))
+    fib = draw_fibres(ctx.shape, pts, own, ctx.cells, thickness=thick, prefix=False, rng=rng, value=0.9)
+    fib = cv2.GaussianBlur(fib, (0, 0), max(0.5, ctx.px(1.5)))
+    haze = np.exp(-ctx.d_nuc_out / np.float32(ctx.px(30.0)))
+    return ((np.minimum(fib, 1.5) + 0.1 * haze + 0.04) * ctx.cyto * sel).astype(np.float32)
 
 
 def _actin(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
