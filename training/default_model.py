@@ -52,9 +52,9 @@ __all__ = [
 DEFAULTS: dict[str, Any] = {
     "out": "models/locus-sim-b0",
     "work": "runs/default-model",
-    "fields": 420,
+    "fields": 480,
     "input_size": 96,
-    "epochs": 20,
+    "epochs": 24,
     "batch_size": 32,
     "learning_rate": 2e-3,
     "seed": 2021,
@@ -158,7 +158,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
     parser.add_argument("--name", default="locus-sim-b0")
-    parser.add_argument("--version", default="3.2.0")
+    parser.add_argument("--version", default="3.3.0")
     parser.add_argument("--no-grad", action="store_true", help="do not export grad.onnx")
     parser.add_argument("--skip-eval", action="store_true", help="do not evaluate (the candidate replaces --out)")
     parser.add_argument("--no-compare", action="store_true", help="do not evaluate the model already in --out")
