@@ -160,11 +160,11 @@ def test_green_compartments_match_labels(fields: list[SimField]):
     assert len(nucleo) >= 3 and len(cyto) >= 3
     nuc_ratio = [_nucleus_to_cytoplasm(f, k) for f, k in nucleo]
     cyt_ratio = [_nucleus_to_cytoplasm(f, k) for f, k in cyto]
-    # Per pixel, a nucleoplasm protein is several times brighter in the nucleus than in the cytoplasm;
-    # a cytosolic one the other way round.
+    # Per pixel, a nucleoplasm protein is several times brighter in the nucleus than in the cytoplasm; a
+    # cytosolic one is dimmer there but, as on real fields, not absent (the cytoplasm over the nucleus shows).
     assert np.median(nuc_ratio) > 4.0, nuc_ratio
-    assert np.median(cyt_ratio) < 0.25, cyt_ratio
-    assert min(nuc_ratio) > 1.5 and max(cyt_ratio) < 0.6
+    assert 0.25 < np.median(cyt_ratio) < 0.6, cyt_ratio
+    assert min(nuc_ratio) > 1.5 and min(cyt_ratio) > 0.1 and max(cyt_ratio) < 0.9, cyt_ratio
 
 
 def _whole_cell_diameters(cells: np.ndarray) -> list[float]:
