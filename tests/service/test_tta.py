@@ -92,9 +92,7 @@ def test_pipeline_scores_are_the_mean_over_views(pipeline, synthetic_field) -> N
     np.testing.assert_array_equal(plain.cell_labels, tta.cell_labels)  # only the scores change
     ids = [r.id for r in cell_records(plain.cell_labels)]
     _, batch = crop_cells(synthetic_field, plain.cell_labels, pipeline.classifier.crop_rule, ids)
-    per_view = np.stack(
-        [pipeline.classifier.predict(np.stack([_hand_views(c)[v] for c in batch])) for v in range(8)]
-    )
+    per_view = np.stack([pipeline.classifier.predict(np.stack([_hand_views(c)[v] for c in batch])) for v in range(8)])
     by_hand = per_view.mean(axis=0)
     got = np.stack([c.probabilities for c in tta.cells])
     np.testing.assert_allclose(got, by_hand, atol=1e-5)
