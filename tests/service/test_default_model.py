@@ -78,8 +78,8 @@ def test_calls_match_the_truth_on_held_out_hpa_sim_fields(client, fields):
 @pytest.mark.slow
 def test_attributions_decode_to_the_cell_box_and_converge(client):
     # The service's default 64 steps, refined where a map misses the 5 % completeness tolerance (LOCUS_IG_TOLERANCE):
-    # model 3.2.0 is confident enough that its probability rises over a short stretch of the path, so at a fixed 64
-    # steps the median error on this field is 0.14; refined, every map meets 5 % or reached the 512-step ceiling.
+    # a confident model's probability can rise over a short stretch of the path (model 3.2.0: median error 0.14 on this
+    # field at a fixed 64 steps); refined, every map meets 5 % or reached the 512-step ceiling.
     f = generate_field(0, 424242, SimConfig(size=256))
     params = {"attributions": "true", "include_masks": "false", "ig_steps": "64"}
     r = client.post("/classify", files=png_uploads(f.image), params=params)
