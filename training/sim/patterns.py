@@ -598,7 +598,7 @@ def _cytosol(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
 
 def _vesicles(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
     sel = _sel(ctx, ids)
-    pts = ctx.sample_points(ctx.cell_mask & sel, 1.0 / 900.0, np.where(ctx.nuc_mask, ctx.over_nucleus, 1.0))
+    pts = ctx.sample_points(ctx.cell_mask & sel, 1.0 / 900.0, ctx.cyto_weight)
     amp = ctx.rng.uniform(0.5, 1.0, len(pts))
     dots = splat(ctx.shape, pts, ctx.px(2.6), amp)
     return (np.minimum(dots, 1.3) + 0.05) * ctx.cyto_weight * sel
