@@ -33,6 +33,7 @@ from locus.training.sim.patterns import (
     NUCLEAR_CLASSES,
     PATTERNS,
     PaintContext,
+    background_stain,
     blue_channel,
     cell_lut,
     red_channel,
@@ -60,7 +61,10 @@ REF_CELL_DIAMETER_PX = 335.0
 _MAX_SEED_CELLS = 3000
 _SCALE_SALT = 0x5343414C45  # "SCALE": the per-field cell-diameter draw's own stream
 
-SIM_VERSION = "2.1"
+SIM_VERSION = "2.2"
+#: Share of fields whose cells all carry a faint, unannotated background stain
+#: (:func:`locus.training.sim.patterns.background_stain`).
+BACKGROUND_STAIN_RATE = 0.5
 #: Fields at a smaller scale than this (relative to the 2048² reference) are drawn larger and reduced (pixel
 #: integration, ``SimConfig.max_supersample``).
 MIN_RENDER_SCALE = 0.5
@@ -424,6 +428,10 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
         lut = np.zeros(n + 1, np.float32)
         lut[ids] = per_cell[ids] * protein_gain * rel
         green += PATTERNS[c](ctx, ids) * lut[geo.cells]
+    # Half the fields carry a faint unannotated background stain in every cell (labels unchanged).
+    if rng.random() < BACKGROUND_STAIN_RATE:
+        level = protein_gain * rng.uniform(0.04, 0.25)
+        green += background_stain(ctx) * (cell_gain(0.3) * np.float32(level))[geo.cells]
     # Where one cell lies over another, both cells' protein adds up.
     green *= 1.0 + 0.35 * geo.overlap
 

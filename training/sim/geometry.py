@@ -91,6 +91,9 @@ class FieldGeometry:
         the label image gives the pixel to one of them, as a segmentation would).
     multinucleate : numpy.ndarray
         (n,) bool, the cell holds two nuclei (one nucleus label, two blobs).
+    prometaphase : numpy.ndarray
+        (n,) bool, a mitotic cell whose chromosomes are a rounded cloud of separate condensed rods (the
+        others hold a metaphase plate).
     """
 
     cells: np.ndarray
@@ -109,6 +112,7 @@ class FieldGeometry:
     nucleoli_spots: list[np.ndarray]
     overlap: np.ndarray
     multinucleate: np.ndarray
+    prometaphase: np.ndarray
 
 
 def _place_seeds(
@@ -261,9 +265,11 @@ def make_geometry(
     nuc_dir = np.stack([np.cos(th_nuc), np.sin(th_nuc)], 1)
     nuc_c2 = nuc_c + (0.95 * a_nuc)[:, None] * nuc_dir
     nuc_c = np.where(multi[:, None], nuc_c - (0.95 * a_nuc)[:, None] * nuc_dir, nuc_c)
-    # Mitotic: metaphase plate (thin, long), spindle perpendicular to it.
+    # Mitotic: a metaphase plate (thin, long), spindle perpendicular to it; or, in prometaphase, a rounder
+    # cloud of condensed chromosomes that the spindle fans into.
+    prometa = mitotic & (rng.random(m) < 0.4)
     a_nuc = np.where(mitotic, rad * rng.uniform(0.33, 0.42, m), a_nuc)
-    b_nuc = np.where(mitotic, rad * rng.uniform(0.08, 0.13, m), b_nuc)
+    b_nuc = np.where(mitotic, rad * np.where(prometa, rng.uniform(0.22, 0.3, m), rng.uniform(0.08, 0.13, m)), b_nuc)
     nuc_c = np.where(mitotic[:, None], pts, nuc_c)
     spindle = th_nuc + np.pi / 2
     # Cells that overlap their neighbours (one lies over the other; both stains add up there).
@@ -394,7 +400,7 @@ def make_geometry(
         centre = np.where((np.arange(k) % 2 == 1)[:, None] & multi[i], nuc_c2[i], nuc_c[i])
         x = centre[:, 0] + u * c - v * s
         y = centre[:, 1] + u * s + v * c
-        r = b_nuc[i] * rng.uniform(0.1, 0.2, k)
+        r = b_nuc[i] * rng.uniform(0.1, 0.22, k)
         spots.append(np.stack([x, y, r], 1))
         for xx, yy, rr_, ax in zip(x, y, r, rng.uniform(0.7, 1.0, k), strict=True):
             cv2.ellipse(
@@ -429,4 +435,5 @@ def make_geometry(
         nucleoli_spots=spots,
         overlap=overlap_map,
         multinucleate=multi[idx],
+        prometaphase=prometa[idx],
     )

@@ -16,7 +16,15 @@ import numpy as np
 
 from locus.training.sim.geometry import FieldGeometry, smooth_noise
 
-__all__ = ["PaintContext", "PATTERNS", "NUCLEAR_CLASSES", "red_channel", "yellow_channel", "blue_channel"]
+__all__ = [
+    "PaintContext",
+    "PATTERNS",
+    "NUCLEAR_CLASSES",
+    "background_stain",
+    "red_channel",
+    "yellow_channel",
+    "blue_channel",
+]
 
 #: Classes whose pattern lies inside the nucleus (they dissolve in mitosis).
 NUCLEAR_CLASSES: frozenset[int] = frozenset({0, 1, 2, 3, 4, 5})
@@ -349,8 +357,36 @@ def blue_channel(ctx: PaintContext) -> np.ndarray:
     rim = np.exp(-ctx.d_nuc_in / np.float32(ctx.px(8.0)))
     val = base * (1.0 - 0.6 * g.nucleoli) * (0.9 + 0.15 * rim)
     val = np.where(mit > 0, 1.5 + 0.3 * tex, val) * ctx.nuc_mask
+    if g.prometaphase.any():
+        pro = cell_lut(g.n, np.flatnonzero(g.prometaphase) + 1, 1.0)[g.nuclei] > 0
+        val = np.where(pro, _chromosomes(ctx, pro), val)
     val = cv2.GaussianBlur(val.astype(np.float32), (0, 0), max(0.5, ctx.px(1.5)))
     return val
+
+
+def _chromosomes(ctx: PaintContext, region: np.ndarray) -> np.ndarray:
+    """Condensed prometaphase chromosomes: short, thick, bright rods packed in ``region`` with gaps between."""
+    rng = ctx.rng
+    starts = ctx.sample_points(region, 1.0 / 90.0)
+    own = ctx.geo.nuclei[starts[:, 1].astype(int), starts[:, 0].astype(int)].astype(np.int64)
+    pts = walk(starts, rng.uniform(0, 2 * np.pi, len(starts)), ctx.px(3.0), 2, 0.4, rng)
+    thick = max(1, int(round(ctx.px(3.0))))
+    rods = draw_fibres(ctx.shape, pts, own, ctx.geo.nuclei, thickness=thick, prefix=False, rng=rng, groups=1)
+    return (1.6 * np.minimum(rods, 1.0) + 0.12).astype(np.float32)
+
+
+def background_stain(ctx: PaintContext) -> np.ndarray:
+    """Faint, unannotated granular stain in every cell: an antibody's nonspecific background.
+
+    Real fields show it where nothing is annotated: fine grains over the cytoplasm, a little denser round the
+    nucleus and fainter over it (the interphase cells of the mitotic-spindle field b6a469d8, the cells of the
+    negative field a34d8680, the cytoplasm of the nuclear field 000a6c98). Annotators leave it out, so a
+    model must learn it as no localisation rather than as ER or vesicles.
+    """
+    weight = ctx.cyto_weight * (0.5 + 0.5 * np.exp(-ctx.d_nuc_out / np.float32(ctx.px(40.0))))
+    pts = ctx.sample_points(ctx.cell_mask, 1.0 / 25.0, weight)
+    grains = splat(ctx.shape, pts, ctx.px(1.2), ctx.rng.uniform(0.3, 1.0, len(pts)))
+    return ((np.minimum(grains, 1.2) + 0.15 * weight) * ctx.cell_mask).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +415,20 @@ def _nuclear_membrane(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
 
 
 def _nucleoli(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
-    return (1.1 * ctx.geo.nucleoli + 0.04 * ctx.nuc_mask) * _sel(ctx, ids)
+    """Nucleoli: filled bodies, or (in about a third of the cells) rings brighter at the rim than inside.
+
+    Many nucleolar proteins sit at the nucleolar rim (HPA's "nucleoli rim", merged into nucleoli in the Kaggle
+    labels); on the real fields such nucleoli show as bright rings around a dimmer core.
+    """
+    nl = ctx.geo.nucleoli
+    ring_ids = ids[ctx.rng.random(len(ids)) < 0.35] if len(ids) else ids
+    ring = cell_lut(ctx.geo.n, ring_ids, 1.0)[ctx.cells]
+    # A nucleolar protein is concentrated there: the nucleoli are the brightest structure of the cell, well
+    # above a nucleoplasm or cytosol stain of the same protein (as on the real field 000a6c98).
+    # On a blurred disc, nl (1 - nl) peaks at the edge: a ring whose inside keeps a third of the level.
+    rim = np.clip(4.0 * nl * (1.0 - nl), 0.0, 1.0) * 1.8 + 0.5 * nl
+    body = ring * rim + (1.0 - ring) * 1.8 * nl
+    return (body + 0.04 * ctx.nuc_mask) * _sel(ctx, ids)
 
 
 def _fibrillar_center(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
@@ -425,7 +474,7 @@ def _er(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
     return ctx.er * _sel(ctx, ids)
 
 
-def _golgi(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+def _golgi_ribbon(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
     g, rng = ctx.geo, ctx.rng
     canvas = np.zeros(ctx.shape, np.float32)
     for k in ids:
@@ -454,6 +503,51 @@ def _golgi(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
             )
     canvas = cv2.GaussianBlur(canvas, (0, 0), max(0.5, ctx.px(1.5)))
     return (canvas + 0.04) * ctx.cyto_weight * _sel(ctx, ids)
+
+
+def _golgi(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    """Golgi apparatus on one side of the nucleus, as a compact ribbon or (in 40% of cells) dispersed tubules.
+
+    The ribbon is a crescent of stacked elongated cisternae. Real Golgi is as often looser: thin, twisting
+    tubules and small stacks spread over a wider perinuclear sector (on the real field 000a6c98 most cells
+    show this form). Both keep to one side of the nucleus, which tells them from intermediate filaments
+    (long fibres all round it) and the ER (the whole cytoplasm).
+    """
+    if len(ids) == 0:
+        return np.zeros(ctx.shape, np.float32)
+    loose = ctx.rng.random(len(ids)) < 0.4
+    out = _golgi_ribbon(ctx, ids[~loose]) if (~loose).any() else np.zeros(ctx.shape, np.float32)
+    if loose.any():
+        out += _golgi_tubular(ctx, ids[loose])
+    return out
+
+
+def _golgi_tubular(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
+    g, rng = ctx.geo, ctx.rng
+    starts, angles, owner = [], [], []
+    for k in ids:
+        i = k - 1
+        c = g.nuc_center[i]
+        to_c = g.centrosome[i] - c
+        base = float(np.arctan2(to_c[1], to_c[0]))
+        r_n = float(np.hypot(*to_c))
+        m = int(rng.integers(14, 28))
+        a = base + rng.normal(0, 0.8, m)
+        r = r_n + np.abs(rng.normal(0, ctx.px(15.0), m))
+        p = c + np.stack([np.cos(a), np.sin(a)], 1) * r[:, None]
+        starts.append(p)
+        angles.append(a + rng.choice([-1.0, 1.0], m) * np.pi / 2 + rng.normal(0, 0.6, m))
+        owner.append(np.full(m, k))
+    pts = walk(np.concatenate(starts), np.concatenate(angles), ctx.px(3.0), 10, 0.45, rng)
+    fib = draw_fibres(
+        ctx.shape, pts, np.concatenate(owner), ctx.cells, thickness=_thin(ctx), prefix=True, rng=rng, value=0.75
+    )
+    fib = cv2.GaussianBlur(fib, (0, 0), max(0.5, ctx.px(1.1)))
+    # Small stacks: bright dots along the tubules.
+    flat = pts.reshape(-1, 2)
+    stacks = flat[rng.random(len(flat)) < 0.06]
+    fib += splat(ctx.shape, stacks, ctx.px(2.0), rng.uniform(0.4, 0.9, len(stacks)))
+    return ((np.minimum(fib, 1.3) + 0.04) * ctx.cyto_weight * _sel(ctx, ids)).astype(np.float32)
 
 
 def _intermediate_filaments(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
@@ -521,6 +615,7 @@ def _mitotic_spindle(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
         return np.zeros(ctx.shape, np.float32)
     pts_all, own = [], []
     poles = []
+    cone = np.zeros(ctx.shape, np.float32)
     for k in ids:
         i = k - 1
         c = g.nuc_center[i]
@@ -528,21 +623,35 @@ def _mitotic_spindle(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
         d = np.array([np.cos(sp), np.sin(sp)])
         perp = np.array([-d[1], d[0]])
         half = 0.42 * g.cell_radius[i]
+        reach = g.nuc_axes[i, 0] * 0.95
         for sign in (-1.0, 1.0):
             pole = c + sign * half * d
             poles.append(pole)
-            m = 28
-            ends = c + perp * rng.uniform(-1, 1, m)[:, None] * g.nuc_axes[i, 0] * 0.95
+            m = 32
+            ends = (
+                c
+                + perp * rng.uniform(-1, 1, m)[:, None] * reach
+                - sign * d * rng.uniform(0, 0.5, m)[:, None] * (g.nuc_axes[i, 1])
+            )
             t = np.linspace(0, 1, 12)[None, :, None]
             pts = pole[None, None, :] * (1 - t) + ends[:, None, :] * t
             pts_all.append(pts)
             own.append(np.full(m, k))
+            # The half-spindle's body: a dense cone of microtubules from the pole to the chromosomes.
+            tri = np.array([pole, c + perp * reach, c - perp * reach]) * 4
+            cv2.fillConvexPoly(cone, np.rint(tri).astype(np.int32), 1.0, cv2.LINE_8, 2)
     pts = np.concatenate(pts_all)
-    fib = draw_fibres(ctx.shape, pts, np.concatenate(own), ctx.cells, thickness=_thin(ctx), prefix=False, rng=rng)
-    fib = cv2.GaussianBlur(fib, (0, 0), max(0.6, ctx.px(2.0)))
-    fib = np.minimum(fib, 1.0)
-    fib += splat(ctx.shape, np.array(poles), ctx.px(5.0), 1.0)
-    return fib * _sel(ctx, ids) * ctx.cell_mask
+    fib = draw_fibres(
+        ctx.shape, pts, np.concatenate(own), ctx.cells, thickness=_thin(ctx), prefix=False, rng=rng, value=0.5
+    )
+    fib = cv2.GaussianBlur(fib, (0, 0), max(0.6, ctx.px(1.5)))
+    # Soft saturation: streaks stay visible where fibres are sparse; the poles, where they meet, are brightest.
+    fib = 1.2 * (1.0 - np.exp(-fib / np.float32(0.5)))
+    fib += splat(ctx.shape, np.array(poles), ctx.px(5.0), 0.8)
+    fib += 0.2 * cv2.GaussianBlur(cone, (0, 0), max(0.6, ctx.px(12.0)))
+    # A soluble pool fills the rounded mitotic cell around the spindle.
+    pool = cell_lut(g.n, ids, rng.uniform(0.12, 0.35, len(ids)))[ctx.cells]
+    return (fib + pool) * _sel(ctx, ids) * ctx.cell_mask
 
 
 def _centrosome(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:

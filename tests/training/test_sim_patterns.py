@@ -1,0 +1,117 @@
+"""HPA-sim patterns that tell look-alike classes apart, measured on the painted maps of noise-free geometry.
+
+Each test states a property that real HPA cells have and that a model needs in order not to confuse two
+classes on the real validation fields (``../shared/hpa-real``): Golgi on one side of the nucleus against
+intermediate filaments around it, nucleoli as the brightest structure (some as rings), a mitotic spindle
+fanning from two poles over a soluble pool, and a faint granular background that carries no label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from locus.training.sim.geometry import make_geometry
+from locus.training.sim.patterns import PATTERNS, PaintContext, background_stain, blue_channel
+
+GOLGI, INTERMEDIATE_FILAMENTS, NUCLEOLI, MITOTIC_SPINDLE = 7, 8, 2, 11
+
+
+def _context(seed: int, *, mitotic_fraction: float = 0.03, min_mitotic: int = 0) -> PaintContext:
+    """A 768² field at the 2048² reference scale (cells about 335 px across), 6-10 cells seeded."""
+    rng = np.random.default_rng(seed)
+    geo = make_geometry(
+        768, rng, scale=1.0, n_cells=(6, 10), mitotic_fraction=mitotic_fraction, min_mitotic=min_mitotic
+    )
+    return PaintContext(geo, rng)
+
+
+def _interphase(ctx: PaintContext) -> np.ndarray:
+    return np.array([k for k in range(1, ctx.geo.n + 1) if not ctx.geo.mitotic[k - 1]], dtype=np.int64)
+
+
+def _one_sidedness(ctx: PaintContext, stain: np.ndarray, k: int) -> float:
+    """Length of the stain-weighted mean unit vector from the nucleus centre over the cytoplasm of cell k.
+
+    1: all of the stain lies in one direction from the nucleus; 0: spread evenly around it.
+    """
+    ys, xs = np.nonzero((ctx.cells == k) & ctx.cyto)
+    w = np.maximum(stain[ys, xs] - 0.05, 0.0)
+    c = ctx.geo.nuc_center[k - 1]
+    v = np.stack([xs - c[0], ys - c[1]], 1).astype(np.float64)
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-6)
+    return float(np.linalg.norm((w[:, None] * v).sum(0)) / max(float(w.sum()), 1e-6))
+
+
+def test_golgi_keeps_to_one_side_and_intermediate_filaments_wrap_the_nucleus():
+    golgi, filaments = [], []
+    for seed in range(3):
+        ctx = _context(seed)
+        ids = _interphase(ctx)
+        g_map = PATTERNS[GOLGI](ctx, ids)
+        f_map = PATTERNS[INTERMEDIATE_FILAMENTS](ctx, ids)
+        golgi += [_one_sidedness(ctx, g_map, k) for k in ids]
+        filaments += [_one_sidedness(ctx, f_map, k) for k in ids]
+    assert len(golgi) >= 15
+    # Both Golgi forms (compact ribbon, dispersed tubules) sit on one side of the nucleus.
+    assert np.median(golgi) > 0.7, sorted(golgi)
+    assert np.percentile(golgi, 10) > 0.45, sorted(golgi)
+    # Intermediate filaments run round it (cells with an off-centre nucleus lean to one side).
+    assert np.median(filaments) < 0.5, sorted(filaments)
+    assert np.median(golgi) - np.median(filaments) > 0.3
+
+
+def test_nucleoli_are_the_brightest_structure_and_some_are_rings():
+    core_over_edge, peak_over_nucleus = [], []
+    for seed in range(3):
+        ctx = _context(seed)
+        ids = _interphase(ctx)
+        stain = PATTERNS[NUCLEOLI](ctx, ids)
+        body = ctx.geo.nucleoli
+        for k in ids:
+            nuc = ctx.geo.nuclei == k
+            core = nuc & (body > 0.9)
+            edge = nuc & (body > 0.3) & (body < 0.7)
+            if core.sum() < 5:
+                continue
+            core_over_edge.append(float(stain[core].mean() / stain[edge].mean()))
+            peak_over_nucleus.append(float(stain[core | edge].max() / stain[nuc].mean()))
+    assert len(core_over_edge) >= 15
+    rings = np.mean(np.array(core_over_edge) < 0.6)
+    assert 0.15 < rings < 0.6, sorted(core_over_edge)  # a third of the cells: nucleolar-rim proteins
+    assert min(peak_over_nucleus) > 5.0, sorted(peak_over_nucleus)
+
+
+def test_mitotic_spindle_fans_from_poles_over_a_soluble_pool_and_chromosomes_condense():
+    pool, contrast, gaps = [], [], {True: [], False: []}
+    for seed in range(4):
+        ctx = _context(seed, mitotic_fraction=0.5, min_mitotic=3)
+        ids = np.array([k for k in range(1, ctx.geo.n + 1) if ctx.geo.mitotic[k - 1]], dtype=np.int64)
+        stain = PATTERNS[MITOTIC_SPINDLE](ctx, ids)
+        blue = blue_channel(ctx)
+        for k in ids:
+            cell = ctx.cells == k
+            pool.append(float(np.median(stain[cell])))
+            contrast.append(float(np.percentile(stain[cell], 99) / np.median(stain[cell])))
+            b = blue[ctx.geo.nuclei == k]
+            if b.size >= 20:
+                gaps[bool(ctx.geo.prometaphase[k - 1])].append(float((b < 0.5 * np.percentile(b, 95)).mean()))
+    assert len(pool) >= 8
+    # The whole rounded cell glows (soluble pool), the spindle stands well above it.
+    assert min(pool) > 0.1, sorted(pool)
+    assert min(contrast) > 3.0, sorted(contrast)
+    # Prometaphase: separate condensed chromosomes with gaps between; metaphase: a solid plate.
+    assert gaps[True] and gaps[False]
+    assert min(gaps[True]) > 0.35 > max(gaps[False]), gaps
+
+
+def test_background_stain_is_faint_granular_and_perinuclear_inside_cells_only():
+    ctx = _context(1)
+    bg = background_stain(ctx)
+    assert float(bg[~ctx.cell_mask].max()) == 0.0
+    cyto = bg[ctx.cyto]
+    assert cyto.std() / cyto.mean() > 0.5, "grains, not a flat wash"
+    near = ctx.cyto & (ctx.d_nuc_out < ctx.px(15.0))
+    far = ctx.cyto & (ctx.d_nuc_out > ctx.px(60.0))
+    assert bg[near].mean() > 1.2 * bg[far].mean(), "denser round the nucleus"
+    over = bg[ctx.nuc_mask].mean() / cyto.mean()
+    assert 0.1 < over < 0.9, "fainter over the nucleus, not absent"
