@@ -176,7 +176,7 @@ def sim_truth(index: int, seed: int = 3, size: int = 512, cell_scale: float = 1.
 
     Cells that HPA's procedure cannot return by design are taken out: those whose
     nucleus is under its minimum nucleus area (with a margin), which it drops, and
-    binucleate cells (a nucleus label in two pieces), which it splits in two.
+    binucleate cells (two nuclei, apart or touching), which it splits in two.
     """
     from skimage.measure import label as sk_label
 
@@ -191,6 +191,7 @@ def sim_truth(index: int, seed: int = 3, size: int = 512, cell_scale: float = 1.
     owner[pieces.ravel()] = f.nuclei.ravel()
     n_pieces = np.bincount(owner[1:], minlength=n_true + 1)
     keep = (area >= 1.5 * 2500 * SCALE * SCALE) & (n_pieces == 1)
+    keep[f.multinucleate] = False
     keep[0] = False
     lut = np.where(keep, np.arange(n_true + 1), 0).astype(np.int32)
     return lut[f.cells], lut[f.nuclei]

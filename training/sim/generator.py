@@ -255,6 +255,8 @@ class SimField:
         The field's intended protein localisation set (primary class first), before per-cell heterogeneity.
     mitotic : list of int
         Ids of mitotic cells.
+    multinucleate : list of int
+        Ids of cells with two nuclei (one nucleus label; the two may touch).
     overlap_fraction : float
         Share of the field's pixels where one cell lies over another (stains add up there).
     """
@@ -265,6 +267,7 @@ class SimField:
     cell_labels: dict[int, list[int]]
     field_labels: list[int] = field(default_factory=list)
     mitotic: list[int] = field(default_factory=list)
+    multinucleate: list[int] = field(default_factory=list)
     overlap_fraction: float = 0.0
 
     @property
@@ -465,6 +468,7 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
         cell_labels=cell_labels,
         field_labels=field_set,
         mitotic=[int(k) + 1 for k in np.flatnonzero(geo.mitotic)],
+        multinucleate=[int(k) + 1 for k in np.flatnonzero(geo.multinucleate)],
         overlap_fraction=float((geo.overlap > 0.5).mean()),
     )
 

@@ -354,7 +354,7 @@ def make_geometry(
         k = i + 1
         if nuc_area[k] < 0.3 * nuc_area_full[i] or nuc_area[k] < 12:
             continue
-        reach = a_cell[i] * 1.35
+        reach = a_cell[i] * 1.35 * (1.0 + (tail_amp[i].max() if n_tails[i] else 0.0))
         x0, x1 = int(max(0, pts[i, 0] - reach)), int(min(w, pts[i, 0] + reach + 1))
         y0, y1 = int(max(0, pts[i, 1] - reach)), int(min(h, pts[i, 1] + reach + 1))
         sub = cells[y0:y1, x0:x1]
