@@ -181,7 +181,9 @@ def test_green_compartments_match_labels(fields: list[SimField]):
     # cytosolic one is dimmer there but, as on real fields, not absent (the cytoplasm over the nucleus shows).
     assert np.median(nuc_ratio) > 4.0, nuc_ratio
     assert 0.25 < np.median(cyt_ratio) < 0.6, cyt_ratio
-    assert min(nuc_ratio) > 1.5 and min(cyt_ratio) > 0.1 and max(cyt_ratio) < 0.9, cyt_ratio
+    # Every cytosolic cell is dimmer over its nucleus than beside it (its cytoplasm mean includes the dimmer
+    # rim by the cell border, so a cell drawn at 0.7 over the nucleus can measure up to about 0.9).
+    assert min(nuc_ratio) > 1.5 and min(cyt_ratio) > 0.1 and max(cyt_ratio) < 1.0, cyt_ratio
 
 
 def _whole_cell_diameters(cells: np.ndarray) -> list[float]:
