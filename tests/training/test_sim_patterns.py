@@ -8,6 +8,8 @@ fanning from two poles over a soluble pool, and a faint granular background that
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from locus.training.sim.geometry import make_geometry
@@ -25,8 +27,11 @@ def _context(seed: int, *, mitotic_fraction: float = 0.03, min_mitotic: int = 0)
     return PaintContext(geo, rng)
 
 
-def _interphase(ctx: PaintContext) -> np.ndarray:
-    return np.array([k for k in range(1, ctx.geo.n + 1) if not ctx.geo.mitotic[k - 1]], dtype=np.int64)
+def _interphase_fields(seeds: range = range(3)) -> Iterator[tuple[PaintContext, np.ndarray]]:
+    """Per seed, the field's context and the ids of its interphase cells."""
+    for seed in seeds:
+        ctx = _context(seed)
+        yield ctx, np.array([k for k in range(1, ctx.geo.n + 1) if not ctx.geo.mitotic[k - 1]], dtype=np.int64)
 
 
 def _one_sidedness(ctx: PaintContext, stain: np.ndarray, k: int) -> float:
@@ -44,9 +49,7 @@ def _one_sidedness(ctx: PaintContext, stain: np.ndarray, k: int) -> float:
 
 def test_golgi_keeps_to_one_side_and_intermediate_filaments_wrap_the_nucleus():
     golgi, filaments = [], []
-    for seed in range(3):
-        ctx = _context(seed)
-        ids = _interphase(ctx)
+    for ctx, ids in _interphase_fields():
         g_map = PATTERNS[GOLGI](ctx, ids)
         f_map = PATTERNS[INTERMEDIATE_FILAMENTS](ctx, ids)
         golgi += [_one_sidedness(ctx, g_map, k) for k in ids]
@@ -62,9 +65,7 @@ def test_golgi_keeps_to_one_side_and_intermediate_filaments_wrap_the_nucleus():
 
 def test_nucleoli_are_the_brightest_structure_and_some_are_rings():
     core_over_edge, peak_over_nucleus = [], []
-    for seed in range(3):
-        ctx = _context(seed)
-        ids = _interphase(ctx)
+    for ctx, ids in _interphase_fields():
         stain = PATTERNS[NUCLEOLI](ctx, ids)
         body = ctx.geo.nucleoli
         for k in ids:

@@ -251,6 +251,9 @@ def make_geometry(
     tail_dir = rng.choice([0.0, np.pi], m)
     tail_amp = rng.uniform(0.35, 0.9, (m, 2))
     tail_w = rng.uniform(0.22, 0.4, (m, 2))
+    # Half-side of the window that holds a cell with its processes: where it is drawn and where its stray pieces
+    # are removed (one window for both, so no piece lies outside the clean-up).
+    reach = a_cell * 1.35 * (1.0 + np.where(n_tails > 0, tail_amp.max(axis=1), 0.0))
     # Nucleus: offset from the cell centre (into the round body, away from a teardrop's tail).
     b_nuc = np.minimum(b_cell / reach_f * rng.uniform(0.6, 0.82, m), rad * 0.5)
     a_nuc = np.minimum(b_nuc * rng.uniform(1.0, 1.4, m), rad * 0.58)
@@ -290,9 +293,8 @@ def make_geometry(
         if n_tails[i]:
             dirs = [tail_dir[i], tail_dir[i] + np.pi][: n_tails[i]]
             tails = np.array([[d, tail_amp[i, j], tail_w[i, j]] for j, d in enumerate(dirs)])
-        reach = a_cell[i] * 1.35 * (1.0 + (tail_amp[i].max() if n_tails[i] else 0.0))
-        x0, x1 = int(max(0, pts[i, 0] - reach)), int(min(w, pts[i, 0] + reach + 1))
-        y0, y1 = int(max(0, pts[i, 1] - reach)), int(min(h, pts[i, 1] + reach + 1))
+        x0, x1 = int(max(0, pts[i, 0] - reach[i])), int(min(w, pts[i, 0] + reach[i] + 1))
+        y0, y1 = int(max(0, pts[i, 1] - reach[i])), int(min(h, pts[i, 1] + reach[i] + 1))
         if x0 >= x1 or y0 >= y1:
             continue
         xs = np.arange(x0, x1, dtype=np.float32)[None, :]
@@ -354,9 +356,8 @@ def make_geometry(
         k = i + 1
         if nuc_area[k] < 0.3 * nuc_area_full[i] or nuc_area[k] < 12:
             continue
-        reach = a_cell[i] * 1.35 * (1.0 + (tail_amp[i].max() if n_tails[i] else 0.0))
-        x0, x1 = int(max(0, pts[i, 0] - reach)), int(min(w, pts[i, 0] + reach + 1))
-        y0, y1 = int(max(0, pts[i, 1] - reach)), int(min(h, pts[i, 1] + reach + 1))
+        x0, x1 = int(max(0, pts[i, 0] - reach[i])), int(min(w, pts[i, 0] + reach[i] + 1))
+        y0, y1 = int(max(0, pts[i, 1] - reach[i])), int(min(h, pts[i, 1] + reach[i] + 1))
         sub = cells[y0:y1, x0:x1]
         mask = (sub == k).astype(np.uint8)
         _, comp = cv2.connectedComponents(mask, connectivity=4)

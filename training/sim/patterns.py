@@ -631,7 +631,7 @@ def _mitotic_spindle(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
             ends = (
                 c
                 + perp * rng.uniform(-1, 1, m)[:, None] * reach
-                - sign * d * rng.uniform(0, 0.5, m)[:, None] * (g.nuc_axes[i, 1])
+                - sign * d * rng.uniform(0, 0.5, m)[:, None] * g.nuc_axes[i, 1]
             )
             t = np.linspace(0, 1, 12)[None, :, None]
             pts = pole[None, None, :] * (1 - t) + ends[:, None, :] * t
