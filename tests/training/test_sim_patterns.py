@@ -3,7 +3,8 @@
 Each test states a property that real HPA cells have and that a model needs in order not to confuse two
 classes on the real validation fields (``../shared/hpa-real``): Golgi on one side of the nucleus against
 intermediate filaments around it, nucleoli as the brightest structure (some as rings), a mitotic spindle
-fanning from two poles over a soluble pool, and a faint granular background that carries no label.
+fanning from two poles over a soluble pool (and tubulin in the spindle whatever the protein), and a faint
+granular background that carries no label.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from locus.training.sim.geometry import make_geometry
-from locus.training.sim.patterns import PATTERNS, PaintContext, background_stain, blue_channel
+from locus.training.sim.patterns import PATTERNS, PaintContext, background_stain, blue_channel, red_channel
 
 GOLGI, INTERMEDIATE_FILAMENTS, NUCLEOLI, MITOTIC_SPINDLE = 7, 8, 2, 11
 
@@ -103,6 +104,36 @@ def test_mitotic_spindle_fans_from_poles_over_a_soluble_pool_and_chromosomes_con
     # Prometaphase: separate condensed chromosomes with gaps between; metaphase: a solid plate.
     assert gaps[True] and gaps[False]
     assert min(gaps[True]) > 0.35 > max(gaps[False]), gaps
+
+
+def test_tubulin_shows_the_spindle_in_mitosis_tilted_spindles_have_a_faint_pole_and_the_er_turns_to_haze():
+    centre_over_rim, far_over_near, er_cv = [], [], {True: [], False: []}
+    for seed in range(6):
+        ctx = _context(seed, mitotic_fraction=0.5, min_mitotic=3)
+        red = red_channel(ctx)
+        far_over_near += list(ctx.spindle[2][1::2] / ctx.spindle[2][0::2])
+        for k in range(1, ctx.geo.n + 1):
+            cell = ctx.cells == k
+            mitotic = bool(ctx.geo.mitotic[k - 1])
+            inner = cell & (ctx.d_border > ctx.px(10.0)) & ~ctx.nuc_mask
+            if inner.sum() > 200:
+                er_cv[mitotic].append(float(ctx.er[inner].std() / ctx.er[inner].mean()))
+            if mitotic:
+                ys, xs = np.nonzero(cell)
+                r = np.hypot(xs - ctx.geo.nuc_center[k - 1, 0], ys - ctx.geo.nuc_center[k - 1, 1])
+                radius = ctx.geo.cell_radius[k - 1]
+                v = red[ys, xs]
+                centre_over_rim.append(float(v[r < 0.35 * radius].mean() / v[(r > 0.6 * radius)].mean()))
+    assert len(centre_over_rim) >= 8
+    # The microtubule channel of a mitotic cell is its spindle, bright over the chromosomes, not an
+    # interphase array that is dim over the nucleus and bright towards the edge.
+    assert np.median(centre_over_rim) > 1.8 and min(centre_over_rim) > 1.2, sorted(centre_over_rim)
+    # Spindles lie at any angle to the focal plane: some far poles are much fainter, some as bright.
+    pairs = np.minimum(far_over_near, 1 / np.asarray(far_over_near))
+    assert 0.1 < float((pairs < 0.75).mean()) < 0.7, sorted(pairs)
+    # The ER of a rounded mitotic cell is an even haze, far less contrasted than an interphase network.
+    assert er_cv[True] and er_cv[False]
+    assert max(er_cv[True]) < np.median(er_cv[False]), (sorted(er_cv[True]), np.median(er_cv[False]))
 
 
 def test_background_stain_is_faint_granular_and_perinuclear_inside_cells_only():

@@ -61,7 +61,7 @@ REF_CELL_DIAMETER_PX = 335.0
 _MAX_SEED_CELLS = 3000
 _SCALE_SALT = 0x5343414C45  # "SCALE": the per-field cell-diameter draw's own stream
 
-SIM_VERSION = "2.2"
+SIM_VERSION = "2.3"
 #: Share of fields whose cells all carry a faint, unannotated background stain
 #: (:func:`locus.training.sim.patterns.background_stain`).
 BACKGROUND_STAIN_RATE = 0.5

@@ -106,6 +106,20 @@ class PaintContext:
         return microtubules(self)
 
     @cached_property
+    def mitotic_cells(self) -> np.ndarray:
+        """bool HxW: the pixels of mitotic cells."""
+        return cell_lut(self.geo.n, np.flatnonzero(self.geo.mitotic) + 1, 1.0)[self.cells] > 0
+
+    @cached_property
+    def spindle(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Spindle microtubules of every mitotic cell: (map, pole positions (p, 2), pole brightness (p,)).
+
+        Tubulin is in the spindle during mitosis, so the same structure is the microtubule channel of a
+        mitotic cell and the pattern of a protein that marks the spindle.
+        """
+        return spindle_network(self)
+
+    @cached_property
     def seam(self) -> np.ndarray:
         """Multiplicative dimming (0.45-1) along cell borders: the dark line between touching cells.
 
@@ -292,7 +306,8 @@ def er_network(ctx: PaintContext) -> np.ndarray:
     edge = np.minimum(edge, 1.0)
     edge = cv2.GaussianBlur(edge, (0, 0), max(0.5, ctx.px(1.3)))
     edge /= max(float(edge.max()), 1e-6)
-    grain = smooth_noise((h, w), ctx.px(6.0), ctx.rng)
+    # Clipped at 3 sd: a deeper trough would turn the stain negative (a black line after quantisation).
+    grain = np.clip(smooth_noise((h, w), ctx.px(6.0), ctx.rng), -3.0, 3.0)
     gaps = np.clip(0.6 + 0.5 * smooth_noise((h, w), ctx.px(10.0), ctx.rng), 0.0, 1.0)
     net = edge * (0.75 + 0.25 * grain) * gaps * (0.35 + 0.65 * weight)
     # Perinuclear sheets: a broad, mottled (not smooth) zone that fades into the network; the nuclear
@@ -304,6 +319,11 @@ def er_network(ctx: PaintContext) -> np.ndarray:
     out = (net + sheet + envelope + base) * ctx.cyto
     # The network (and the edge of the sheets) above and below the nucleus.
     out += (net + 0.5 * sheet + base) * ctx.over_nucleus
+    if ctx.geo.mitotic.any():
+        # A mitotic cell's ER is a fine, even haze through the rounded cell (the real mitotic cell of
+        # b6a469d8), not an interphase network round a nucleus.
+        haze = 0.2 * (0.8 + 0.2 * grain) + 0.35 * net
+        out = np.where(ctx.mitotic_cells, haze * ctx.cell_mask, out)
     return out.astype(np.float32)
 
 
@@ -331,7 +351,94 @@ def microtubules(ctx: PaintContext) -> np.ndarray:
     peri = np.exp(-ctx.d_nuc_out / np.float32(ctx.px(25.0)))
     out = (0.6 * fib + 0.12 + 0.3 * cortex + 0.25 * peri) * ctx.cell_mask
     out *= np.where(ctx.nuc_mask, np.float32(0.55), np.float32(1.0))
+    if g.mitotic.any():
+        # In mitosis the interphase array is gone: tubulin is in the spindle and a soluble pool round it.
+        spindle = ctx.spindle[0]
+        out = np.where(ctx.mitotic_cells, 0.8 * spindle + 0.2 + 0.1 * cortex, out)
     return out.astype(np.float32)
+
+
+def spindle_network(ctx: PaintContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spindles of all mitotic cells, as a confocal slice sees them.
+
+    Each half-spindle is a fan of kinetochore fibres from its pole to the chromosomes, a dense cone and a
+    few short astral fibres from the pole towards the cortex; the poles are brightest. Most spindles lie
+    parallel to the dish, some are tilted (on the real mitotic-spindle field b6a469d8 one pole is in focus
+    and bright, the other faint): a tilted axis is foreshortened, and its far half is dimmer and blurred.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The float32 map (0 outside mitotic cells), the poles' (x, y) positions and their brightness.
+    """
+    g, rng = ctx.geo, ctx.rng
+    h, w = ctx.shape
+    ids = np.flatnonzero(g.mitotic) + 1
+    if len(ids) == 0:
+        return np.zeros((h, w), np.float32), np.zeros((0, 2)), np.zeros(0)
+    halves: dict[bool, tuple[list[np.ndarray], list[np.ndarray]]] = {True: ([], []), False: ([], [])}
+    poles, pole_amp = [], []
+    cone = np.zeros((h, w), np.float32)
+    far_lut = np.ones(g.n + 1, np.float32)
+    for k in ids:
+        i = k - 1
+        c = g.nuc_center[i]
+        sp = g.spindle_angle[i]
+        d = np.array([np.cos(sp), np.sin(sp)])
+        perp = np.array([-d[1], d[0]])
+        # Adherent cells mostly hold the spindle parallel to the dish; some tilt it.
+        tilt_cos = rng.uniform(0.97, 1.0) if rng.random() < 0.6 else rng.uniform(0.4, 0.9)
+        far_amp = 1.0 - 0.75 * np.sqrt(1.0 - tilt_cos**2)
+        far_lut[k] = far_amp
+        half = rng.uniform(0.42, 0.55) * g.cell_radius[i] * tilt_cos
+        reach = g.nuc_axes[i, 0] * 0.95
+        near_sign = rng.choice([-1.0, 1.0])
+        for sign in (-1.0, 1.0):
+            near = sign == near_sign
+            amp = 1.0 if near else far_amp
+            pole = c + sign * half * d
+            poles.append(pole)
+            pole_amp.append(amp)
+            m = 32
+            ends = (
+                c
+                + perp * rng.uniform(-1, 1, m)[:, None] * reach
+                - sign * d * rng.uniform(0, 0.5, m)[:, None] * g.nuc_axes[i, 1]
+            )
+            t = np.linspace(0, 1, 12)[None, :, None]
+            pts = pole[None, None, :] * (1 - t) + ends[:, None, :] * t
+            # Astral fibres: short, straight, from the pole away from the chromosomes.
+            na = 10
+            ang = sp + (np.pi if sign < 0 else 0.0) + rng.uniform(-1.2, 1.2, na)
+            length = rng.uniform(0.2, 0.45, na) * g.cell_radius[i]
+            dirs = np.stack([np.cos(ang), np.sin(ang)], 1)
+            astral = pole[None, None, :] + t * (length[:, None] * dirs)[:, None, :]
+            halves[near][0].extend([pts, astral])
+            halves[near][1].extend([np.full(m, k), np.full(na, k)])
+            tri = np.array([pole, c + perp * reach, c - perp * reach]) * 4
+            cv2.fillConvexPoly(cone, np.rint(tri).astype(np.int32), amp, cv2.LINE_8, 2)
+    fib = np.zeros((h, w), np.float32)
+    for near, (pts_list, own_list) in halves.items():
+        if not pts_list:
+            continue
+        f = draw_fibres(
+            ctx.shape,
+            np.concatenate(pts_list),
+            np.concatenate(own_list),
+            ctx.cells,
+            thickness=_thin(ctx),
+            prefix=False,
+            rng=rng,
+            value=0.5,
+        )
+        f = cv2.GaussianBlur(f, (0, 0), max(0.6, ctx.px(1.5 if near else 3.0)))
+        fib += f if near else f * far_lut[ctx.cells]
+    # Soft saturation: streaks stay visible where fibres are sparse; the poles, where they meet, are brightest.
+    fib = 1.2 * (1.0 - np.exp(-fib / np.float32(0.5)))
+    poles_xy, amps = np.array(poles), np.array(pole_amp)
+    fib += splat(ctx.shape, poles_xy, ctx.px(5.0), 0.8 * amps)
+    fib += 0.2 * cv2.GaussianBlur(cone, (0, 0), max(0.6, ctx.px(12.0)))
+    return (fib * ctx.mitotic_cells).astype(np.float32), poles_xy, amps
 
 
 def red_channel(ctx: PaintContext) -> np.ndarray:
@@ -613,45 +720,16 @@ def _mitotic_spindle(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray([k for k in ids if g.mitotic[k - 1]], dtype=np.int64)
     if len(ids) == 0:
         return np.zeros(ctx.shape, np.float32)
-    pts_all, own = [], []
-    poles = []
-    cone = np.zeros(ctx.shape, np.float32)
-    for k in ids:
-        i = k - 1
-        c = g.nuc_center[i]
-        sp = g.spindle_angle[i]
-        d = np.array([np.cos(sp), np.sin(sp)])
-        perp = np.array([-d[1], d[0]])
-        half = 0.42 * g.cell_radius[i]
-        reach = g.nuc_axes[i, 0] * 0.95
-        for sign in (-1.0, 1.0):
-            pole = c + sign * half * d
-            poles.append(pole)
-            m = 32
-            ends = (
-                c
-                + perp * rng.uniform(-1, 1, m)[:, None] * reach
-                - sign * d * rng.uniform(0, 0.5, m)[:, None] * g.nuc_axes[i, 1]
-            )
-            t = np.linspace(0, 1, 12)[None, :, None]
-            pts = pole[None, None, :] * (1 - t) + ends[:, None, :] * t
-            pts_all.append(pts)
-            own.append(np.full(m, k))
-            # The half-spindle's body: a dense cone of microtubules from the pole to the chromosomes.
-            tri = np.array([pole, c + perp * reach, c - perp * reach]) * 4
-            cv2.fillConvexPoly(cone, np.rint(tri).astype(np.int32), 1.0, cv2.LINE_8, 2)
-    pts = np.concatenate(pts_all)
-    fib = draw_fibres(
-        ctx.shape, pts, np.concatenate(own), ctx.cells, thickness=_thin(ctx), prefix=False, rng=rng, value=0.5
-    )
-    fib = cv2.GaussianBlur(fib, (0, 0), max(0.6, ctx.px(1.5)))
-    # Soft saturation: streaks stay visible where fibres are sparse; the poles, where they meet, are brightest.
-    fib = 1.2 * (1.0 - np.exp(-fib / np.float32(0.5)))
-    fib += splat(ctx.shape, np.array(poles), ctx.px(5.0), 0.8)
-    fib += 0.2 * cv2.GaussianBlur(cone, (0, 0), max(0.6, ctx.px(12.0)))
+    spindle, poles, amps = ctx.spindle
+    # A spindle protein gathers most at the poles (on b6a469d8 the in-focus pole is the brightest spot).
+    owner = g.cells[
+        np.clip(np.rint(poles[:, 1]).astype(int), 0, ctx.shape[0] - 1),
+        np.clip(np.rint(poles[:, 0]).astype(int), 0, ctx.shape[1] - 1),
+    ]
+    pole_glow = splat(ctx.shape, poles, ctx.px(9.0), 0.7 * amps * np.isin(owner, ids))
     # A soluble pool fills the rounded mitotic cell around the spindle.
     pool = cell_lut(g.n, ids, rng.uniform(0.12, 0.35, len(ids)))[ctx.cells]
-    return (fib + pool) * _sel(ctx, ids) * ctx.cell_mask
+    return (spindle + pole_glow + pool) * _sel(ctx, ids) * ctx.cell_mask
 
 
 def _centrosome(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
