@@ -158,7 +158,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (quick runs)")
     parser.add_argument("--name", default="locus-sim-b0")
-    parser.add_argument("--version", default="3.5.0")
+    parser.add_argument("--version", default="3.6.0")
     parser.add_argument("--no-grad", action="store_true", help="do not export grad.onnx")
     parser.add_argument("--skip-eval", action="store_true", help="do not evaluate (the candidate replaces --out)")
     parser.add_argument("--no-compare", action="store_true", help="do not evaluate the model already in --out")

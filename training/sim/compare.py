@@ -2,8 +2,9 @@
 
 Top row: the real validation fields (never trained on); middle row: HPA-sim fields at 2048² whose primary
 class matches; bottom row: one cell of each, cut by the model's crop rule (other cells zeroed, as the
-classifier sees it), real left and sim right. Colours as on the HPA website: red microtubules, green protein,
-blue nucleus, yellow ER (red + green).
+classifier sees it), real left and sim right (the biggest whole cell; the mitotic cell for the spindle
+field). Colours as on the HPA website: red microtubules, green protein, blue nucleus, yellow ER (red +
+green).
 
 Usage::
 
@@ -31,6 +32,7 @@ _REAL = (
     ("../shared/hpa-real", "94e33c64-bb9b-11e8-b2b9-ac1f6b6435d0", [9, 16, 13]),
 )
 _TILE = 420
+_SPINDLE = CLASS_NAMES.index("Mitotic spindle")
 
 
 def composite(image: np.ndarray) -> np.ndarray:
@@ -73,6 +75,13 @@ def _biggest_inner_cell(cells: np.ndarray) -> int:
     ids, counts = np.unique(cells, return_counts=True)
     best = [(c, i) for i, c in zip(ids, counts, strict=True) if i and int(i) not in border]
     return int(max(best)[1]) if best else int(ids[np.argmax(counts[1:]) + 1])
+
+
+def _brightest_chromatin_cell(image: np.ndarray, cells: np.ndarray) -> int:
+    """The cell whose nucleus channel is brightest at its 99th percentile: condensed mitotic chromatin."""
+    blue = image[..., 2].astype(np.float32)
+    ids = [int(i) for i in np.unique(cells) if i]
+    return max(ids, key=lambda i: float(np.percentile(blue[cells == i], 99)))
 
 
 def _crop_tile(image: np.ndarray, cells: np.ndarray, cell_id: int, side: int) -> np.ndarray:
@@ -123,7 +132,9 @@ def sim_vs_real(out: str | Path, seed: int = 4242) -> Path:
             img = load_field(refs[0])
             cells, _ = seg.segment(img)
             rtile = cv2.resize(composite(img), (_TILE, _TILE), interpolation=cv2.INTER_AREA)
-            rcrop = _crop_tile(img, cells, _biggest_inner_cell(cells), half)
+            # The mitotic-spindle field shows its mitotic cell; the others their biggest whole cell.
+            pick = _brightest_chromatin_cell(img, cells) if labels[0] == _SPINDLE else _biggest_inner_cell(cells)
+            rcrop = _crop_tile(img, cells, pick, half)
             top.append(_label(rtile, [f"REAL {fid[:8]} ({img.shape[1]}px)", _short(labels)]))
         else:
             top.append(_label(np.zeros((_TILE, _TILE, 3), np.uint8), ["real field absent", _short(labels)]))
@@ -132,7 +143,9 @@ def sim_vs_real(out: str | Path, seed: int = 4242) -> Path:
         f = generate_field(idx, seed, SimConfig(size=2048))
         stile = cv2.resize(composite(f.image), (_TILE, _TILE), interpolation=cv2.INTER_AREA)
         mid.append(_label(stile, [f"HPA-sim {idx} (2048px)", f"{_short(f.image_labels)}; {f.cells.max()} cells"]))
-        scrop = _crop_tile(f.image, f.cells, _biggest_inner_cell(f.cells), half)
+        spindle_cells = [k for k in f.mitotic if _SPINDLE in f.cell_labels[k]]
+        pick = spindle_cells[0] if labels[0] == _SPINDLE and spindle_cells else _biggest_inner_cell(f.cells)
+        scrop = _crop_tile(f.image, f.cells, pick, half)
         pair = np.concatenate([rcrop, scrop], axis=1)
         pair = np.concatenate([pair, np.zeros((half, _TILE, 3), np.uint8)], axis=0)[: half + 30]
         bottom.append(_label(pair[:, :, :], ["crop rule: real | sim"])[: half + 30])
