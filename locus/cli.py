@@ -24,6 +24,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str | None]] = {
     "eval": ("locus.training.evaluate", "score a submission CSV against ground truth (competition mAP)", None),
     "train": ("locus.training.train", "train the 4-channel EfficientNet on per-cell crops", "train"),
     "export": ("locus.training.export", "export a trained Keras model to a model folder (ONNX)", "train"),
+    "tune-thresholds": (
+        "locus.training.tune_thresholds",
+        "tune a model folder's thresholds for 2, 4 and 8 test-time views on its run's validation cells",
+        "train",
+    ),
     "default-model": (
         "locus.training.default_model",
         "generate HPA-sim, train, export and evaluate the default model",

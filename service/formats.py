@@ -318,10 +318,7 @@ def field_answer(
         body = classify_response(
             result, dataclasses.replace(options, include_scores=True), pipeline, request_id=request_id
         )
-    if options.threshold is not None:
-        thresholds = [float(options.threshold)] * NUM_CLASSES
-    else:
-        thresholds = [float(t) for t in pipeline.classifier.thresholds]
+    thresholds = [float(t) for t in pipeline.thresholds(options)]
     return FieldAnswer(image_id=image_id, body=body, result=result, thresholds=thresholds)
 
 

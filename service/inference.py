@@ -173,9 +173,25 @@ class Classifier:
             )
         self.max_batch = max_batch
         self.thresholds = np.asarray(self.manifest.thresholds, dtype=np.float32)
+        self._view_thresholds = {n: np.asarray(self.manifest.thresholds_for(n), dtype=np.float32) for n in (1, 2, 4, 8)}
         self.crop_rule = self.manifest.crop.rule()
         self._grad_session: ort.InferenceSession | None = None
         self._grad_lock = threading.Lock()
+
+    def thresholds_for(self, views: int) -> np.ndarray:
+        """Per-class decision thresholds for scores averaged over ``views`` test-time views.
+
+        Parameters
+        ----------
+        views : int
+            1, 2, 4 or 8.
+
+        Returns
+        -------
+        numpy.ndarray
+            (19,) ``float32``: the manifest's set for that view count, else its one-view ``thresholds``.
+        """
+        return self._view_thresholds.get(int(views), self.thresholds)
 
     @property
     def input_size(self) -> int:

@@ -72,6 +72,12 @@ class Manifest(BaseModel):
     crop: CropSpec
     class_names: list[str]
     thresholds: list[float]
+    view_thresholds: dict[int, list[float]] = Field(
+        default_factory=dict,
+        description="Per-class thresholds for scores averaged over 2, 4 or 8 test-time views, by view count, tuned "
+        "on the same validation cells as `thresholds` (which holds for one view). A view count without its own "
+        "set uses `thresholds`.",
+    )
     files: dict[str, str] = Field(description="sha256 of each ONNX file in the folder, by file name")
     grad: GradSpec | None = None
     training: dict[str, Any] = Field(default_factory=dict, description="Training data summary and metrics")
@@ -105,6 +111,31 @@ class Manifest(BaseModel):
         if len(v) != NUM_CLASSES or not all(0.0 <= t <= 1.0 for t in v):
             raise ValueError(f"thresholds must be {NUM_CLASSES} numbers in [0, 1]")
         return v
+
+    @field_validator("view_thresholds")
+    @classmethod
+    def _view_thresholds(cls, v: dict[int, list[float]]) -> dict[int, list[float]]:
+        for n, values in v.items():
+            if n not in (2, 4, 8):
+                raise ValueError(f"view_thresholds: view counts are 2, 4 or 8, got {n}")
+            if len(values) != NUM_CLASSES or not all(0.0 <= t <= 1.0 for t in values):
+                raise ValueError(f"view_thresholds[{n}] must be {NUM_CLASSES} numbers in [0, 1]")
+        return v
+
+    def thresholds_for(self, views: int) -> list[float]:
+        """The per-class thresholds for scores averaged over ``views`` test-time views.
+
+        Parameters
+        ----------
+        views : int
+            Views averaged (1, 2, 4 or 8).
+
+        Returns
+        -------
+        list of float
+            ``view_thresholds[views]`` when the model has that set, else ``thresholds``.
+        """
+        return self.view_thresholds.get(int(views), self.thresholds)
 
     @model_validator(mode="after")
     def _files(self) -> Manifest:

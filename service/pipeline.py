@@ -306,6 +306,25 @@ class Pipeline:
         """Test-time augmentation views a request gets: its own ``tta``, else the pipeline's default."""
         return self.tta if options.tta is None else options.tta
 
+    def thresholds(self, options: ClassifyOptions) -> np.ndarray:
+        """The per-class decision thresholds a request's labels are called with.
+
+        Parameters
+        ----------
+        options : ClassifyOptions
+            The request's options.
+
+        Returns
+        -------
+        numpy.ndarray
+            (19,) ``float32``: the request's single ``threshold`` for every class, else the model's
+            per-class thresholds for the views the request gets (:meth:`views`), tuned on the same
+            mean of views.
+        """
+        if options.threshold is not None:
+            return np.full(NUM_CLASSES, options.threshold, dtype=np.float32)
+        return self.classifier.thresholds_for(self.views(options))
+
     def context_weight(self, options: ClassifyOptions) -> float:
         """Field-context weight a request gets: its own ``field_context``, else the pipeline's default."""
         return self.field_context if options.field_context is None else float(options.field_context)
@@ -378,10 +397,7 @@ class Pipeline:
             probs = np.zeros((0, NUM_CLASSES), dtype=np.float32)
         timings["classify"] = (time.perf_counter() - t) * 1e3
 
-        if options.threshold is not None:
-            thresholds = np.full(NUM_CLASSES, options.threshold, dtype=np.float32)
-        else:
-            thresholds = self.classifier.thresholds
+        thresholds = self.thresholds(options)
         cells = [
             CellResult(
                 record=r, probabilities=probs[i], labels=[int(k) for k in np.flatnonzero(probs[i] >= thresholds)]

@@ -141,7 +141,9 @@ class ClassifyResponse(BaseModel):
     segmenter: str = Field(examples=["classical"])
     provider: str = Field(description="ONNX Runtime provider that ran the model", examples=["CPUExecutionProvider"])
     threshold: str | float = Field(
-        description="'manifest' (per-class thresholds) or the single threshold used", examples=["manifest"]
+        description="'manifest' (the model's per-class thresholds for the views in `tta`: its one-view set, or "
+        "the set tuned on that mean of views when the manifest has one) or the single threshold used",
+        examples=["manifest"],
     )
     tta: int = Field(
         1,
@@ -210,7 +212,12 @@ class ModelInfo(BaseModel):
     version: str = Field(examples=["1.0.0"])
     architecture: str = Field(examples=["efficientnet-b0"])
     classes: list[str]
-    thresholds: list[float]
+    thresholds: list[float] = Field(description="Per-class decision thresholds for one view (tta 1)")
+    view_thresholds: dict[int, list[float]] = Field(
+        default_factory=dict,
+        description="Per-class thresholds for scores averaged over 2, 4 or 8 views, by view count (the model's "
+        "sets; a view count without one uses `thresholds`)",
+    )
     input: dict = Field(
         examples=[
             {

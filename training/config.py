@@ -106,6 +106,11 @@ class TrainConfig(BaseModel):
     export: bool = Field(default=True, description="Export the model folder (<out>/model) after training")
     with_grad: bool = Field(default=True, description="Also export grad.onnx when grad_export is available")
     grad_batch: int = Field(default=16, ge=1, description="Fixed batch of grad.onnx")
+    view_thresholds: bool = Field(
+        default=True,
+        description="Also tune per-class thresholds for scores averaged over 2, 4 and 8 test-time views on the "
+        "validation cells (one more pass over them in 8 views), stored in the manifest's view_thresholds",
+    )
     plots: bool = True
     verbose: int = Field(default=1, ge=0, le=2, description="Keras progress: 0 silent, 1 bar, 2 one line per epoch")
 

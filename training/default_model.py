@@ -449,7 +449,7 @@ def evaluate_real(model_dir: str | Path, segmenter: str = "classical") -> dict[s
                     }
                     for c in result.cells
                 ]
-        thresholds = pipeline.classifier.thresholds
+        thresholds = pipeline.thresholds(ClassifyOptions())  # the set for the views the pipeline averages
     finally:
         pipeline.close()
     if not labels:
@@ -822,7 +822,16 @@ def build_default_model(args: argparse.Namespace) -> dict[str, Any]:
     parity = np.load(result.run_dir / "parity_batch.npy").astype(np.float32)
     if candidate.exists():
         shutil.rmtree(candidate)
-    export_model_folder(result.model, candidate, config, result.thresholds, summary, parity, with_grad=not args.no_grad)
+    export_model_folder(
+        result.model,
+        candidate,
+        config,
+        result.thresholds,
+        summary,
+        parity,
+        with_grad=not args.no_grad,
+        view_thresholds=result.view_thresholds,
+    )
     for plot in sorted((result.run_dir / "plots").glob("*.png")):  # the training plots the card shows
         shutil.copy2(plot, candidate / plot.name)
     t_export = time.time()

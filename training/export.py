@@ -237,10 +237,16 @@ def write_model_card(folder: str | Path, manifest: Manifest) -> Path:
     ap = metrics.get("val_ap")
     held = metrics.get("heldout_ap")
     if ap:
-        head = "| id | class | val cell AP | threshold |" + (" held-out AP |" if held else "")
-        lines += ["", head, "|---:|---|---:|---:|" + ("---:|" if held else "")]
+        eight = manifest.view_thresholds.get(8)
+        head = (
+            "| id | class | val cell AP | threshold |"
+            + (" threshold, 8 views |" if eight else "")
+            + (" held-out AP |" if held else "")
+        )
+        lines += ["", head, "|---:|---|---:|---:|" + ("---:|" if eight else "") + ("---:|" if held else "")]
         for i, name in enumerate(CLASS_NAMES):
             row = f"| {i} | {name} | {_fmt(ap[i])} | {manifest.thresholds[i]:.3f} |"
+            row += f" {eight[i]:.3f} |" if eight else ""
             lines.append(row + (f" {_fmt(held[i])} |" if held else ""))
     lines += [
         "",
@@ -253,7 +259,8 @@ def write_model_card(folder: str | Path, manifest: Manifest) -> Path:
         "training a real model."
         if sim
         else "- Research on subcellular protein localisation in HPA-style images.",
-        "- Ranking cells by class confidence; thresholds in the manifest were tuned for F1 on validation cells.",
+        "- Ranking cells by class confidence; thresholds in the manifest were tuned for F1 on validation cells "
+        "(`thresholds` for one view, `view_thresholds` for the mean of 2, 4 or 8 test-time views).",
         "",
         "## Must not be used for",
         "",
@@ -311,6 +318,7 @@ def export_model_folder(
     version: str | None = None,
     grad_batch: int | None = None,
     tolerance: float = PARITY_TOLERANCE,
+    view_thresholds: dict[int, list[float]] | None = None,
 ) -> Manifest:
     """Export a trained classifier as a model folder the service can load.
 
@@ -336,6 +344,9 @@ def export_model_folder(
         Fixed batch of ``grad.onnx`` (default the config's ``grad_batch`` or 16).
     tolerance : float
         Parity tolerance.
+    view_thresholds : dict of int to list of float, optional
+        Per-class thresholds for scores averaged over 2, 4 or 8 test-time views, by view count
+        (:func:`locus.training.thresholds.tune_view_thresholds`).
 
     Returns
     -------
@@ -388,6 +399,7 @@ def export_model_folder(
         ),
         class_names=list(CLASS_NAMES),
         thresholds=[float(t) for t in (thresholds if thresholds is not None else [0.5] * NUM_CLASSES)],
+        view_thresholds={int(n): [float(t) for t in v] for n, v in (view_thresholds or {}).items()},
         files=files,
         grad=grad,
         training=_jsonable(summary),
@@ -494,6 +506,9 @@ def run(args: argparse.Namespace) -> int:
     thresholds = None
     if (run_dir / "thresholds.json").is_file():
         thresholds = json.loads((run_dir / "thresholds.json").read_text())
+    view_thresholds = None
+    if (run_dir / "view_thresholds.json").is_file():
+        view_thresholds = {int(n): v for n, v in json.loads((run_dir / "view_thresholds.json").read_text()).items()}
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if (run_dir / "parity_batch.npy").is_file():
         parity = np.load(run_dir / "parity_batch.npy").astype(np.float32)
@@ -512,6 +527,7 @@ def run(args: argparse.Namespace) -> int:
             name=args.name,
             version=args.version,
             grad_batch=args.grad_batch,
+            view_thresholds=view_thresholds,
         )
     except ExportError as exc:
         sys.stderr.write(f"locus export: {exc}\n")

@@ -54,6 +54,10 @@ class TrainResult:
         The exported model folder.
     manifest : Manifest or None
         Its manifest.
+    extra : dict
+        Anything a caller adds.
+    view_thresholds : dict of int to list of float
+        Per-class thresholds for scores averaged over 2, 4 and 8 test-time views (empty when not tuned).
     """
 
     model: Any
@@ -65,6 +69,7 @@ class TrainResult:
     model_dir: Path | None = None
     manifest: Any = None
     extra: dict = field(default_factory=dict)
+    view_thresholds: dict[int, list[float]] = field(default_factory=dict)
 
 
 def _learning_rate(config: TrainConfig, steps_per_epoch: int):
@@ -168,7 +173,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     from locus.training.dataset import build_crops, make_tf_dataset, split_by_image
     from locus.training.model import build_model
-    from locus.training.thresholds import mean_ap, per_class_ap, tune_thresholds
+    from locus.training.thresholds import mean_ap, per_class_ap, tune_thresholds, tune_view_thresholds
 
     t0 = time.time()
     run_dir = Path(config.out)
@@ -256,6 +261,16 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         verbose=0,
     )
     thresholds = tune_thresholds(y_val, p_val)
+    view_thresholds: dict[int, list[float]] = {}
+    if config.view_thresholds and len(va_idx):
+        t2 = time.time()
+        view_thresholds = tune_view_thresholds(
+            lambda b: np.asarray(model.predict_on_batch(b.astype(np.float32))),
+            crops.images[va_idx],
+            y_val,
+            batch_size=64,
+        )
+        logger.info("view thresholds (2, 4, 8 views) tuned in %.1f s", time.time() - t2)
     aps = per_class_ap(y_val, p_val)
     best_epoch = int(np.argmin(history["val_loss"])) if history.get("val_loss") else len(history.get("loss", [])) - 1
     train_fields = sorted(set(crops.fields[tr_idx].tolist()))
@@ -289,6 +304,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         },
     }
     (run_dir / "thresholds.json").write_text(json.dumps(thresholds) + "\n", encoding="utf-8")
+    if view_thresholds:
+        (run_dir / "view_thresholds.json").write_text(json.dumps(view_thresholds) + "\n", encoding="utf-8")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     parity = x_val[:32] if len(x_val) else crops.images[tr_idx[:32]]
     np.save(run_dir / "parity_batch.npy", parity)
@@ -297,7 +314,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         from locus.training.plots import write_all
 
         write_all(run_dir / "plots", crops.labels, crops.image_labels, history, aps)
-    result = TrainResult(model, run_dir, history, thresholds, aps, summary)
+    result = TrainResult(model, run_dir, history, thresholds, aps, summary, view_thresholds=view_thresholds)
     if config.export:
         from locus.training.export import export_model_folder
 
@@ -310,6 +327,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             summary,
             parity.astype(np.float32),
             with_grad=config.with_grad,
+            view_thresholds=view_thresholds,
         )
         if config.plots:
             import shutil

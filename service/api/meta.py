@@ -53,6 +53,7 @@ async def model_info(state: StateDep, _auth: Annotated[None, Depends(require_api
         architecture=m.architecture,
         classes=list(CLASS_NAMES),
         thresholds=list(m.thresholds),
+        view_thresholds={n: list(v) for n, v in m.view_thresholds.items()},
         input={
             "name": m.input_name,
             "shape": ["N", m.input_size, m.input_size, 4],

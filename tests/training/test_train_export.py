@@ -11,7 +11,7 @@ import pytest
 from locus.service.classes import CLASS_NAMES
 from locus.service.manifest import load_manifest
 from locus.training.config import TrainConfig, load_config
-from locus.training.thresholds import average_precision, best_f1_threshold, tune_thresholds
+from locus.training.thresholds import average_precision, best_f1_threshold, tune_thresholds, tune_view_thresholds
 
 SIZE = 32
 
@@ -95,6 +95,27 @@ def test_thresholds_and_ap():
     assert t[1] == 0.5 and len(t) == 2
 
 
+def test_view_thresholds_are_tuned_on_the_services_mean_of_views():
+    """Each set is F1-tuned on exactly the n-view mean the service computes (its stack and average)."""
+    from locus.service.tta import average_views, stack_views
+
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0, 255, (90, 8, 8, 4)).astype(np.float32)
+    w = rng.normal(0, 1, (8 * 8 * 4, 3))
+
+    def predict(batch: np.ndarray) -> np.ndarray:  # orientation-dependent scores, as a real CNN's are
+        z = (batch.reshape(len(batch), -1) - 127.5) / 255.0 @ w
+        return 1.0 / (1.0 + np.exp(-z))
+
+    y = (rng.uniform(size=(90, 3)) < 1.0 / (1.0 + np.exp(-predict(images) * 4 + 2))).astype(np.int8)
+    sets = tune_view_thresholds(predict, images, y, batch_size=16)  # 16 does not divide 90: the last batch is short
+    assert sorted(sets) == [2, 4, 8]
+    for n, got in sets.items():
+        mean = average_views(predict(stack_views(images, n)), n)
+        assert got == pytest.approx(tune_thresholds(y, mean), abs=1e-6)
+    assert sets[8] != pytest.approx(sets[2], abs=1e-6)  # the views change the scores, so the sets differ
+
+
 # ---------------------------------------------------------------------------------------------- TensorFlow
 
 
@@ -138,6 +159,10 @@ def test_train_writes_run_folder(trained):
     for png in ("label_distribution", "labels_per_image", "cooccurrence", "history", "per_class_ap"):
         assert (run / "plots" / f"{png}.png").stat().st_size > 1000
     assert len(result.thresholds) == 19 and all(0 <= t <= 1 for t in result.thresholds)
+    assert sorted(result.view_thresholds) == [2, 4, 8]
+    assert json.loads((run / "view_thresholds.json").read_text()) == {
+        str(n): pytest.approx(v) for n, v in result.view_thresholds.items()
+    }
     s = result.summary
     assert s["data"]["train_fields"] + s["data"]["val_fields"] == 6 and s["data"]["synthetic"]
     assert s["train_samples_per_s"] > 0 and "val_loss" in result.history
@@ -156,6 +181,7 @@ def test_model_folder_validates_and_serves(trained):
     assert m.name == "tiny" and m.input_size == SIZE and m.architecture == "efficientnet-b0"
     assert m.crop.rule() == config.crop_rule()
     assert m.class_names == list(CLASS_NAMES) and m.thresholds == pytest.approx(result.thresholds)
+    assert {n: pytest.approx(v) for n, v in m.view_thresholds.items()} == result.view_thresholds
     assert m.config == json.loads(json.dumps(config.model_dump()))
     assert m.training["onnx_parity"]["max_abs_diff"] <= 1e-4
     assert m.grad is None and set(m.files) == {"model.onnx"}
