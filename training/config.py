@@ -106,6 +106,11 @@ class TrainConfig(BaseModel):
     export: bool = Field(default=True, description="Export the model folder (<out>/model) after training")
     with_grad: bool = Field(default=True, description="Also export grad.onnx when grad_export is available")
     grad_batch: int = Field(default=16, ge=1, description="Fixed batch of grad.onnx")
+    threshold_rule: Literal["one-se", "argmax"] = Field(
+        default="one-se",
+        description="How per-class thresholds are tuned for F1 on the validation cells: one-se, the middle of the "
+        "thresholds within one bootstrap standard error of the best F1 (stable); argmax, the best F1's own",
+    )
     view_thresholds: bool = Field(
         default=True,
         description="Also tune per-class thresholds for scores averaged over 2, 4 and 8 test-time views on the "

@@ -260,7 +260,8 @@ def write_model_card(folder: str | Path, manifest: Manifest) -> Path:
         if sim
         else "- Research on subcellular protein localisation in HPA-style images.",
         "- Ranking cells by class confidence; thresholds in the manifest were tuned for F1 on validation cells "
-        "(`thresholds` for one view, `view_thresholds` for the mean of 2, 4 or 8 test-time views).",
+        f"(rule `{manifest.training.get('thresholds', {}).get('rule', 'argmax')}`; `thresholds` for one view, "
+        "`view_thresholds` for the mean of 2, 4 or 8 test-time views).",
         "",
         "## Must not be used for",
         "",

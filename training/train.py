@@ -260,7 +260,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         make_tf_dataset(crops.images, crops.labels, va_idx, config.batch_size * 2, training=False).map(lambda x, y: x),
         verbose=0,
     )
-    thresholds = tune_thresholds(y_val, p_val)
+    thresholds = tune_thresholds(y_val, p_val, rule=config.threshold_rule)
     view_thresholds: dict[int, list[float]] = {}
     if config.view_thresholds and len(va_idx):
         t2 = time.time()
@@ -269,6 +269,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
             crops.images[va_idx],
             y_val,
             batch_size=64,
+            rule=config.threshold_rule,
         )
         logger.info("view thresholds (2, 4, 8 views) tuned in %.1f s", time.time() - t2)
     aps = per_class_ap(y_val, p_val)
@@ -296,6 +297,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         "seconds_fit": round(t_fit, 1),
         "train_samples_per_s": None if throughput.rate() is None else round(throughput.rate(), 2),
         "epoch_seconds": [round(x, 1) for x in throughput.epoch_seconds],
+        "thresholds": {"rule": config.threshold_rule, "views": [1, *sorted(view_thresholds)]},
         "metrics": {
             "val_loss": history["val_loss"][best_epoch] if history.get("val_loss") else None,
             "val_pr_auc": history["val_pr_auc"][best_epoch] if history.get("val_pr_auc") else None,

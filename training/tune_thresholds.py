@@ -1,15 +1,16 @@
-"""``locus tune-thresholds``: tune a model folder's per-view thresholds on its run's validation cells.
+"""``locus tune-thresholds``: tune a model folder's thresholds again on its run's validation cells.
 
-Training tunes one threshold per class for one view, and (since model 3.6.0's folder was
-written) one set each for scores averaged over 2, 4 and 8 test-time views
-(:func:`locus.training.thresholds.tune_view_thresholds`). This command does the same for a
-model folder that lacks them, or again after a change: it rebuilds the run's validation crops
-(from the run's crop cache when it is current; the split is the run's own), scores them with
-the folder's ONNX model in all eight views and tunes each set for F1, as training does.
+Training tunes one threshold per class for one view and one set each for scores averaged over
+2, 4 and 8 test-time views (:func:`locus.training.thresholds.tune_view_thresholds`), with the
+config's ``threshold_rule``. This command does the same for a model folder trained before
+either existed, or with another rule: it rebuilds the run's validation crops (from the run's
+crop cache when it is current; the split is the run's own), scores them with the folder's ONNX
+model in all eight views and tunes every set for F1, as training does. The weights are not
+touched.
 
 Usage::
 
-    locus tune-thresholds --run RUN_DIR [--model MODEL_DIR] [--write]
+    locus tune-thresholds --run RUN_DIR [--model MODEL_DIR] [--rule one-se|argmax] [--write]
 
 Without ``--write`` it prints the thresholds and leaves the folder as it is.
 """
@@ -27,8 +28,10 @@ import numpy as np
 __all__ = ["configure_parser", "run", "tune_folder"]
 
 
-def tune_folder(run_dir: str | Path, model_dir: str | Path, progress: bool = True) -> dict[int, list[float]]:
-    """Per-view thresholds of a model folder, tuned on its training run's validation cells.
+def tune_folder(
+    run_dir: str | Path, model_dir: str | Path, rule: str = "one-se", progress: bool = True
+) -> dict[int, list[float]]:
+    """Thresholds of a model folder for 1, 2, 4 and 8 views, tuned on its training run's validation cells.
 
     Parameters
     ----------
@@ -36,13 +39,16 @@ def tune_folder(run_dir: str | Path, model_dir: str | Path, progress: bool = Tru
         The training run (its ``config.json`` names the data, crop rule, split seed and cache).
     model_dir : str or Path
         The model folder whose ``model.onnx`` scores the cells.
+    rule : {"one-se", "argmax"}
+        How each set is tuned (:func:`locus.training.thresholds.tune_thresholds`).
     progress : bool
         Show the crop-extraction progress bar.
 
     Returns
     -------
     dict of int to list of float
-        ``{2: [...], 4: [...], 8: [...]}``, 19 thresholds each.
+        ``{1: [...], 2: [...], 4: [...], 8: [...]}``, 19 thresholds each; 1 is the manifest's
+        ``thresholds``, the others its ``view_thresholds``.
 
     Raises
     ------
@@ -70,7 +76,11 @@ def tune_folder(run_dir: str | Path, model_dir: str | Path, progress: bool = Tru
     if len(va_idx) == 0:
         raise ValueError(f"{run_dir}: the run has no validation cells (val_fraction {config.val_fraction})")
     return tune_view_thresholds(
-        lambda b: classifier.predict(b.astype(np.float32)), crops.images[va_idx], crops.labels[va_idx]
+        lambda b: classifier.predict(b.astype(np.float32)),
+        crops.images[va_idx],
+        crops.labels[va_idx],
+        views=(1, 2, 4, 8),
+        rule=rule,
     )
 
 
@@ -85,19 +95,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="the training run folder (config.json, crop cache)")
     parser.add_argument("--model", default=None, help="the model folder (default RUN/model)")
     parser.add_argument(
-        "--write", action="store_true", help="store the thresholds in the folder's manifest.json (view_thresholds)"
+        "--rule",
+        choices=("one-se", "argmax"),
+        default="one-se",
+        help="one-se (default): the middle of the thresholds within one bootstrap standard error of the best F1; "
+        "argmax: the best F1's own",
+    )
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="store them in the folder's manifest.json (thresholds and view_thresholds)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _table(one: list[float], sets: dict[int, list[float]]) -> str:
+def _table(before: list[float], sets: dict[int, list[float]]) -> str:
     from locus.service.classes import CLASS_NAMES
 
     views = sorted(sets)
-    head = "class".ljust(42) + "1 view".rjust(8) + "".join(f"{n} views".rjust(9) for n in views)
-    rows = [head]
+    head = "class".ljust(42) + "in folder".rjust(10) + "".join(f"{n} view{'s' * (n > 1)}".rjust(9) for n in views)
+    rows = [head + "   (in folder: its one-view thresholds now)"]
     for c, name in enumerate(CLASS_NAMES):
-        rows.append(name.ljust(42) + f"{one[c]:8.3f}" + "".join(f"{sets[n][c]:9.3f}" for n in views))
+        rows.append(name.ljust(42) + f"{before[c]:10.3f}" + "".join(f"{sets[n][c]:9.3f}" for n in views))
     return "\n".join(rows)
 
 
@@ -121,15 +140,21 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     try:
         manifest = load_manifest(model_dir)
-        sets = tune_folder(args.run, model_dir, progress=not args.quiet)
+        sets = tune_folder(args.run, model_dir, rule=args.rule, progress=not args.quiet)
     except (ValueError, ModelFolderError, FileNotFoundError) as exc:
         sys.stderr.write(f"locus tune-thresholds: {exc}\n")
         return 1
     print(_table(manifest.thresholds, sets))
     print(f"tuned on the run's validation cells in {time.time() - t0:.1f} s")
     if args.write:
-        update: dict[str, Any] = {"view_thresholds": sets}
+        training = dict(manifest.training)
+        training["thresholds"] = {"rule": args.rule, "views": sorted(sets), "tuned_by": "locus tune-thresholds"}
+        update: dict[str, Any] = {
+            "thresholds": sets[1],
+            "view_thresholds": {n: v for n, v in sets.items() if n > 1},
+            "training": training,
+        }
         write_manifest(model_dir, manifest.model_copy(update=update))
         load_manifest(model_dir)  # re-validated with its hashes
-        print(f"wrote view_thresholds into {model_dir / 'manifest.json'}")
+        print(f"wrote thresholds ({args.rule}) and view_thresholds into {model_dir / 'manifest.json'}")
     return 0

@@ -11,7 +11,14 @@ import pytest
 from locus.service.classes import CLASS_NAMES
 from locus.service.manifest import load_manifest
 from locus.training.config import TrainConfig, load_config
-from locus.training.thresholds import average_precision, best_f1_threshold, tune_thresholds, tune_view_thresholds
+from locus.training.thresholds import (
+    average_precision,
+    best_f1_threshold,
+    f1_standard_error,
+    plateau_f1_threshold,
+    tune_thresholds,
+    tune_view_thresholds,
+)
 
 SIZE = 32
 
@@ -95,6 +102,51 @@ def test_thresholds_and_ap():
     assert t[1] == 0.5 and len(t) == 2
 
 
+def test_plateau_threshold_hand_worked():
+    """Scores 0.95 0.9 0.8 | 0.6 0.5 | 0.3 0.2 0.1 with positives at 0.95 0.9 0.8 0.3 (4 positives).
+
+    Cuts (called down to): 0.95 F1 2/5=0.4; 0.9 4/6=0.667; 0.8 6/7=0.857; 0.6 6/8=0.75; 0.5 6/9=0.667;
+    0.3 8/10=0.8; 0.2 8/11=0.727; 0.1 8/12=0.667. Best 0.857 (threshold half way 0.8-0.6 = 0.7).
+    """
+    y = np.array([1, 1, 1, 0, 0, 1, 0, 0])
+    p = np.array([0.95, 0.9, 0.8, 0.6, 0.5, 0.3, 0.2, 0.1])
+    assert best_f1_threshold(y, p) == (pytest.approx(0.7), pytest.approx(6 / 7))
+    assert plateau_f1_threshold(y, p, 0.0) == best_f1_threshold(y, p)
+    # within 0.06 of the best: the cuts at 0.8 (0.857) and 0.3 (0.8), thresholds 0.7 and 0.25. Their middle, 0.475,
+    # falls between them where F1 is 0.667, so the good cut nearest it is taken; both are 0.225 away and the first
+    # in score order wins: 0.7
+    thr, f1 = plateau_f1_threshold(y, p, 0.06)
+    assert (thr, f1) == (pytest.approx(0.7), pytest.approx(6 / 7))
+    # within 0.11: cuts at 0.8, 0.6 (0.75) and 0.3 -> thresholds 0.7, 0.55, 0.25; middle 0.475, nearest 0.55
+    thr, f1 = plateau_f1_threshold(y, p, 0.11)
+    assert (thr, f1) == (pytest.approx(0.55), pytest.approx(0.75))
+    assert f1 >= 6 / 7 - 0.11  # always a cut within the tolerance
+    assert plateau_f1_threshold(np.zeros(3), p[:3], 0.1) == (0.5, 0.0)
+
+
+def test_one_se_rule_is_stable_where_f1_is_flat():
+    """Positives near 1, negatives near 0, a few of each in between: the argmax lands on whichever in-between
+    cell tips F1, the one-SE rule in the middle of the flat range, and it moves less between resamples."""
+    rng = np.random.default_rng(5)
+    n = 600
+    y = (rng.uniform(size=n) < 0.2).astype(int)
+    p = np.where(y == 1, rng.beta(5, 2, n), rng.beta(2, 5, n))
+    se = f1_standard_error(y, p)
+    assert 0.0 < se < 0.05
+    assert f1_standard_error(y, p) == se  # seeded: reproducible
+    spread = {"argmax": [], "one-se": []}
+    for seed in range(12):
+        i = np.random.default_rng(100 + seed).integers(0, n, n)
+        for rule in spread:
+            spread[rule].append(tune_thresholds(y[i, None], p[i, None], rule=rule)[0])
+    assert np.std(spread["one-se"]) < np.std(spread["argmax"])
+    got = tune_thresholds(y[:, None], p[:, None])[0]
+    f1_got = 2 * ((p >= got) & (y == 1)).sum() / ((p >= got).sum() + y.sum())
+    assert f1_got >= best_f1_threshold(y, p)[1] - se - 1e-9
+    with pytest.raises(ValueError, match="one-se, argmax"):
+        tune_thresholds(y[:, None], p[:, None], rule="max")
+
+
 def test_view_thresholds_are_tuned_on_the_services_mean_of_views():
     """Each set is F1-tuned on exactly the n-view mean the service computes (its stack and average)."""
     from locus.service.tta import average_views, stack_views
@@ -108,11 +160,11 @@ def test_view_thresholds_are_tuned_on_the_services_mean_of_views():
         return 1.0 / (1.0 + np.exp(-z))
 
     y = (rng.uniform(size=(90, 3)) < 1.0 / (1.0 + np.exp(-predict(images) * 4 + 2))).astype(np.int8)
-    sets = tune_view_thresholds(predict, images, y, batch_size=16)  # 16 does not divide 90: the last batch is short
+    sets = tune_view_thresholds(predict, images, y, batch_size=16, rule="argmax")  # 16 does not divide 90
     assert sorted(sets) == [2, 4, 8]
     for n, got in sets.items():
         mean = average_views(predict(stack_views(images, n)), n)
-        assert got == pytest.approx(tune_thresholds(y, mean), abs=1e-6)
+        assert got == pytest.approx(tune_thresholds(y, mean, rule="argmax"), abs=1e-6)
     assert sets[8] != pytest.approx(sets[2], abs=1e-6)  # the views change the scores, so the sets differ
 
 
