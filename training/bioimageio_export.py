@@ -149,7 +149,8 @@ def _documentation(folder: Path, manifest: Manifest, source: dict, parity: float
         "the network rescales internally.",
         f"- Output `probabilities`: (N, {NUM_CLASSES}) sigmoid scores, one per class, in the order of "
         "`config.locus.class_names`; a class is called when its score reaches its threshold in "
-        "`config.locus.thresholds`.",
+        "`config.locus.thresholds` (for the mean of 2, 4 or 8 flipped/transposed views of the crop: "
+        "`config.locus.view_thresholds`).",
         "",
         "Whole fields of view (segmentation, crops, classification of every cell) are served by Locus "
         "(`locus serve`, `locus predict`); this package holds the per-cell classifier only.",
@@ -258,6 +259,7 @@ def _rdf(manifest: Manifest, weights_source: str, opset: int, source: dict) -> d
                 },
                 "class_names": list(CLASS_NAMES),
                 "thresholds": [float(t) for t in manifest.thresholds],
+                "view_thresholds": {str(n): [float(t) for t in v] for n, v in sorted(manifest.view_thresholds.items())},
                 "test_tensor_source": source,
             }
         },

@@ -102,6 +102,9 @@ def test_shipped_model_package_is_valid_and_current():
     manifest = yaml.safe_load((DEFAULT_MODEL / "manifest.json").read_text())
     assert rdf["version"] == manifest["version"]
     assert rdf["config"]["locus"]["thresholds"] == pytest.approx(manifest["thresholds"])
+    assert {k: pytest.approx(v) for k, v in rdf["config"]["locus"]["view_thresholds"].items()} == manifest[
+        "view_thresholds"
+    ]
     weights = (SHIPPED_PACKAGE / rdf["weights"]["onnx"]["source"]).resolve()
     assert weights == (DEFAULT_MODEL / "model.onnx").resolve()  # referenced, not a second copy
     x = np.load(SHIPPED_PACKAGE / "test_input.npy")
