@@ -65,6 +65,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     image.add_argument("--model", default=None, help="model folder whose per-class thresholds decide a call")
     image.add_argument("--threshold", type=float, default=None, help="one threshold for every class instead")
+    image.add_argument(
+        "--tta",
+        type=int,
+        choices=(1, 2, 4, 8),
+        default=1,
+        help="the views the predictions averaged (locus predict's LOCUS_TTA): the model's thresholds for that many "
+        "views decide a call (default 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +115,8 @@ def _run_image_level(args: argparse.Namespace) -> int:
             from locus.service.manifest import load_manifest
             from locus.service.predict import DEFAULT_MODEL_DIR
 
-            thresholds = np.asarray(load_manifest(args.model or DEFAULT_MODEL_DIR, verify_hashes=False).thresholds)
+            manifest = load_manifest(args.model or DEFAULT_MODEL_DIR, verify_hashes=False)
+            thresholds = np.asarray(manifest.thresholds_for(args.tta))
         result = evaluate_image_level_csv(labels_csv, args.predictions, thresholds)
     except (OSError, ValueError, RuntimeError) as exc:
         sys.stderr.write(f"locus eval: {exc}\n")

@@ -22,9 +22,12 @@ function fmt(x, digits = 3) {
   return Number(x).toFixed(digits);
 }
 
-function thresholdsOf(answer, model) {
+export function thresholdsOf(answer, model) {
   if (typeof answer.threshold === "number") return new Array(CLASS_NAMES.length).fill(answer.threshold);
-  return model && model.thresholds ? model.thresholds : null;
+  if (!model || !model.thresholds) return null;
+  // labels averaged over n views are called with the model's set for n views, where it has one
+  const views = model.view_thresholds && answer.tta > 1 ? model.view_thresholds[String(answer.tta)] : null;
+  return views || model.thresholds;
 }
 
 /** Copy an (offscreen) canvas into a visible <canvas> of the given CSS size. */

@@ -88,3 +88,23 @@ def test_locus_eval_image_level(tmp_path: Path, capsys):
     assert "true labels called on >= 1 cell: 2/2" in text
     assert "Nuclear membrane" in text
     assert out_json.is_file()
+
+
+def test_locus_eval_image_level_uses_the_models_thresholds_for_its_views(tmp_path: Path, capsys):
+    """Predictions averaged over 8 views are judged with the model's 8-view thresholds (``--tta 8``)."""
+    import json
+
+    from tests.modelfolder import write_model_folder
+
+    model = write_model_folder(tmp_path / "m", thresholds=0.95)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["view_thresholds"] = {"8": [0.5] * NUM_CLASSES}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "train.csv").write_text("ID,Label\nf1,6\n")
+    csv_path = tmp_path / "sub.csv"
+    write_submission(csv_path, [SubmissionRow("f1", 8, 8, [(6, 0.9, "a"), (6, 0.7, "b")])])
+    base = ["eval", "--truth", str(tmp_path), "--predictions", str(csv_path), "--image-level", "--model", str(model)]
+    assert main(base) == 0
+    assert "true labels called on >= 1 cell: 0/1" in capsys.readouterr().out  # 0.9 < 0.95, the one-view threshold
+    assert main([*base, "--tta", "8"]) == 0
+    assert "true labels called on >= 1 cell: 1/1" in capsys.readouterr().out  # 0.9 >= 0.5, the 8-view threshold

@@ -236,6 +236,29 @@ def test_rle_decoder_matches_pycocotools(module_page: Page):
 
 
 @needs_browser
+def test_score_ticks_are_the_thresholds_the_labels_were_called_with(module_page: Page):
+    """One view: the model's thresholds; n views: its n-view set where it has one; a request's own: that one."""
+    one = [round(0.01 * k, 2) for k in range(19)]
+    eight = [0.5] * 19
+    got = module_page.evaluate(
+        """async ([one, eight]) => {
+            const panel = await import("/viewer/panel.js");
+            (await import("/viewer/classes.js")).setClassNames(one.map((_, k) => `class ${k}`));  // as /model does
+            const model = {thresholds: one, view_thresholds: {"8": eight}};
+            return [
+                panel.thresholdsOf({threshold: "manifest", tta: 1}, model),
+                panel.thresholdsOf({threshold: "manifest", tta: 8}, model),
+                panel.thresholdsOf({threshold: "manifest", tta: 4}, model),
+                panel.thresholdsOf({threshold: 0.3, tta: 8}, model),
+                panel.thresholdsOf({threshold: "manifest", tta: 8}, {thresholds: one}),
+            ];
+        }""",
+        [one, eight],
+    )
+    assert got == [one, eight, one, [0.3] * 19, one]
+
+
+@needs_browser
 def test_png_decoder_matches_opencv_and_attribution_maps_decode(module_page: Page):
     rng = np.random.default_rng(5)
     yy, xx = np.mgrid[:61, :77]
