@@ -10,8 +10,10 @@ same segmenter, labelled from the truth) with the F1 a user gets from the calls,
 the classes that have held-out positives (macro F1). For 1, 2, 4 and 8 test-time views it
 prints the macro F1 per held-out folder with:
 
-* ``one-view``: the one-view thresholds applied to the n-view mean (the service before
-  per-view thresholds, and the choice a user of a model without them has);
+* ``before``: the one-view argmax thresholds applied to the n-view mean (the service and the
+  default model before per-view sets and the one-SE rule);
+* ``one-view``: the one-view one-SE thresholds applied to the n-view mean (a model without
+  per-view sets);
 * ``argmax``: each view count's own set, at the best validation F1;
 * ``one-se``: each view count's own set, the middle of the thresholds within one bootstrap
   standard error of the best F1 (the default);
@@ -137,13 +139,14 @@ def main() -> int:
         f"{len(va)} validation cells, {sum(len(y) for y, _ in held.values())} held-out cells, {time.time() - t0:.0f} s"
     )
 
-    rules: dict[str, dict[int, np.ndarray]] = {"one-view": {}, "argmax": {}, "one-se": {}}
+    rules: dict[str, dict[int, np.ndarray]] = {"before": {}, "one-view": {}, "argmax": {}, "one-se": {}}
     t1 = time.time()
     for v in VIEWS:
         mean = val_p[:v].mean(axis=0)
         rules["argmax"][v] = np.asarray(tune_thresholds(val_y, mean, rule="argmax"))
         rules["one-se"][v] = np.asarray(tune_thresholds(val_y, mean, rule="one-se"))
     for v in VIEWS:
+        rules["before"][v] = rules["argmax"][1]
         rules["one-view"][v] = rules["one-se"][1]
     print(f"tuning: {time.time() - t1:.1f} s for both rules at four view counts")
 
@@ -151,7 +154,7 @@ def main() -> int:
     print("\nheld-out macro F1 of the calls (" + " / ".join(names) + "; mean)")
     for v in VIEWS:
         for rule in (*rules, "oracle"):
-            if rule == "one-view" and v == 1:
+            if rule in ("before", "one-view") and v == 1:
                 continue
             row = []
             for name in names:
@@ -169,7 +172,7 @@ def main() -> int:
         print("\nreal fields: true labels called / fields with a wrong class on >= 40% / calls on 89_B5_1")
         for v in VIEWS:
             for rule in rules:
-                if rule == "one-view" and v == 1:
+                if rule in ("before", "one-view") and v == 1:
                     continue
                 res = evaluate_image_level(labels, scores[v], rules[rule][v]).to_dict()
                 er = next((f for f in res["fields"] if f["id"] == "89_B5_1"), None)
