@@ -30,6 +30,27 @@ __all__ = [
 VIEW_COUNTS: tuple[int, ...] = (2, 4, 8)
 
 
+def _f1_cuts(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """F1 and threshold of every cut between distinct scores (best first is not implied).
+
+    Returns
+    -------
+    f1 : numpy.ndarray
+        F1 when the cells down to each distinct score are called.
+    thresholds : numpy.ndarray
+        The threshold of each cut: half way between its lowest called and highest uncalled score.
+    """
+    n_pos = int(y_true.sum())
+    order = np.argsort(-y_prob, kind="mergesort")
+    p = y_prob[order]
+    tp = np.cumsum(y_true[order])
+    k = np.arange(1, p.size + 1)
+    last = np.flatnonzero(np.r_[p[1:] != p[:-1], True])
+    f1 = 2.0 * tp[last] / (k[last] + n_pos)
+    below = np.r_[p[1:], 0.0][last]
+    return f1, np.clip((p[last] + below) / 2.0, 0.0, 1.0)
+
+
 def best_f1_threshold(y_true: np.ndarray, y_prob: np.ndarray, default: float = 0.5) -> tuple[float, float]:
     """The threshold maximising F1 for one class.
 
@@ -53,44 +74,11 @@ def best_f1_threshold(y_true: np.ndarray, y_prob: np.ndarray, default: float = 0
     """
     y_true = np.asarray(y_true).astype(bool).ravel()
     y_prob = np.asarray(y_prob, dtype=np.float64).ravel()
-    n_pos = int(y_true.sum())
-    if n_pos == 0 or y_prob.size == 0:
+    if not y_true.any() or y_prob.size == 0:
         return float(default), 0.0
-    order = np.argsort(-y_prob, kind="mergesort")
-    p = y_prob[order]
-    t = y_true[order]
-    tp = np.cumsum(t)
-    k = np.arange(1, p.size + 1)
-    # only cut between distinct scores
-    last = np.r_[p[1:] != p[:-1], True]
-    f1 = np.where(last, 2.0 * tp / (k + n_pos), -1.0)
+    f1, cut = _f1_cuts(y_true, y_prob)
     i = int(np.argmax(f1))
-    lower = p[i + 1] if i + 1 < p.size else 0.0
-    thr = float(np.clip((p[i] + lower) / 2.0, 0.0, 1.0))
-    if thr > p[i]:  # pragma: no cover - numerical guard
-        thr = float(p[i])
-    return thr, float(f1[i])
-
-
-def _f1_cuts(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """F1 and threshold of every cut between distinct scores (best first is not implied).
-
-    Returns
-    -------
-    f1 : numpy.ndarray
-        F1 when the cells down to each distinct score are called.
-    thresholds : numpy.ndarray
-        The threshold of each cut: half way between its lowest called and highest uncalled score.
-    """
-    n_pos = int(y_true.sum())
-    order = np.argsort(-y_prob, kind="mergesort")
-    p = y_prob[order]
-    tp = np.cumsum(y_true[order])
-    k = np.arange(1, p.size + 1)
-    last = np.flatnonzero(np.r_[p[1:] != p[:-1], True])
-    f1 = 2.0 * tp[last] / (k[last] + n_pos)
-    below = np.r_[p[1:], 0.0][last]
-    return f1, np.clip((p[last] + below) / 2.0, 0.0, 1.0)
+    return float(cut[i]), float(f1[i])
 
 
 def f1_standard_error(y_true: np.ndarray, y_prob: np.ndarray, n_boot: int = 200, seed: int = 0) -> float:

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from locus.training.thresholds import THRESHOLD_RULES
+
 __all__ = ["configure_parser", "run", "tune_folder"]
 
 
@@ -96,7 +98,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="the model folder (default RUN/model)")
     parser.add_argument(
         "--rule",
-        choices=("one-se", "argmax"),
+        choices=THRESHOLD_RULES,
         default="one-se",
         help="one-se (default): the middle of the thresholds within one bootstrap standard error of the best F1; "
         "argmax: the best F1's own",
