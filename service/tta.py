@@ -11,6 +11,10 @@ wrong majority class. So it is an option (``LOCUS_TTA``, the request's ``tta``),
 The price is the classify stage run on 4 or 8 times the crops: milliseconds on a GPU, about 4-8x
 the stage (40 ms for a 2048² field's 20 cells here) on a CPU.
 
+Labels are called with the model's thresholds for the number of views averaged (the manifest's
+``view_thresholds``, tuned on the same mean of views; :meth:`locus.service.pipeline.Pipeline.thresholds`):
+a mean of views is less extreme than one view, so one-view thresholds under-call confident classes.
+
 Views, in order: identity, columns reversed (left-right flip), rows reversed (up-down flip), both
 (a 180° rotation), then the transpose and its three flips. ``n`` views are the first ``n``.
 """
