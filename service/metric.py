@@ -57,6 +57,7 @@ __all__ = [
     "mask_ious",
     "evaluate",
     "evaluate_folder",
+    "map_interval",
     "truth_from_labels",
     "segmentation_scores",
     "WRONG_CALL_SHARE",
@@ -297,6 +298,68 @@ def _predictions_of(value: Any) -> tuple[list[tuple[int, float, Any]], tuple[int
     return list(value), None
 
 
+def _match_images(
+    truth: Mapping[str, Sequence[GTCell]],
+    predictions: Mapping[str, Any],
+    iou_threshold: float,
+    sizes: Mapping[str, tuple[int, int]] | None,
+) -> tuple[dict[str, dict[int, tuple[np.ndarray, np.ndarray]]], dict[str, np.ndarray], list[str], list[str]]:
+    """Match every image's predictions to its truth, class by class (the metric's per-image step).
+
+    Returns
+    -------
+    matched : dict
+        Per image ID, per predicted class: (confidences, TP flags).
+    n_gt : dict
+        Per image ID, (19,) GT instances per class.
+    missing, extra : list of str
+        Truth images without predictions; predicted images not in the truth.
+    """
+    matched: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    n_gt: dict[str, np.ndarray] = {}
+    sizes = dict(sizes or {})
+    missing = [i for i in truth if i not in predictions]
+    extra = [i for i in predictions if i not in truth]
+    if extra:
+        warnings.warn(
+            f"{len(extra)} predicted image(s) are not in the truth and are ignored: {extra[:5]}", stacklevel=2
+        )
+    for image_id, cells in truth.items():
+        cells = list(cells)
+        gt_classes = [sorted({int(c) for c in classes}) for _, classes in cells]
+        n_gt[image_id] = np.zeros(NUM_CLASSES, np.int64)
+        matched[image_id] = {}
+        for classes in gt_classes:
+            for c in classes:
+                if not 0 <= c < NUM_CLASSES:
+                    raise ValueError(f"{image_id}: GT class id {c} is outside 0-{NUM_CLASSES - 1}")
+                n_gt[image_id][c] += 1
+        preds, pred_size = _predictions_of(predictions.get(image_id, []))
+        if not preds:
+            continue
+        size = tuple(int(v) for v in cells[0][0]["size"]) if cells else sizes.get(image_id, pred_size)
+        if pred_size is not None and size is not None and tuple(size) != pred_size:
+            raise ValueError(
+                f"{image_id}: the prediction is for a {pred_size[1]}x{pred_size[0]} image "
+                f"but the truth is {size[1]}x{size[0]}"
+            )
+        pred_cls = np.array([int(p[0]) for p in preds], dtype=np.int64)
+        if np.any((pred_cls < 0) | (pred_cls >= NUM_CLASSES)):
+            raise ValueError(f"{image_id}: predicted class id outside 0-{NUM_CLASSES - 1}")
+        pred_conf = np.array([float(p[1]) for p in preds], dtype=np.float64)
+        if cells:
+            rles = [kaggle_to_rle(m, size[0], size[1]) if isinstance(m, str) else m for _, _, m in preds]
+            ious = mask_ious(rles, [rle for rle, _ in cells])
+        else:
+            ious = np.zeros((len(preds), 0))
+        for c in np.unique(pred_cls).tolist():
+            pi = np.flatnonzero(pred_cls == c)
+            gi = [j for j, classes in enumerate(gt_classes) if c in classes]
+            tp = match_image(None, pred_conf[pi], None, iou_threshold, ious=ious[np.ix_(pi, gi)])
+            matched[image_id][c] = (pred_conf[pi], tp)
+    return matched, n_gt, missing, extra
+
+
 def evaluate(
     truth: Mapping[str, Sequence[GTCell]],
     predictions: Mapping[str, Any],
@@ -332,47 +395,15 @@ def evaluate(
         A class id outside 0-18, or an image size that differs between
         prediction and truth.
     """
+    matched, n_gt_img, missing, extra = _match_images(truth, predictions, iou_threshold, sizes)
     scores: dict[int, list[np.ndarray]] = {c: [] for c in range(NUM_CLASSES)}
     tps: dict[int, list[np.ndarray]] = {c: [] for c in range(NUM_CLASSES)}
     n_gt = dict.fromkeys(range(NUM_CLASSES), 0)
-    sizes = dict(sizes or {})
-    missing = [i for i in truth if i not in predictions]
-    extra = [i for i in predictions if i not in truth]
-    if extra:
-        warnings.warn(
-            f"{len(extra)} predicted image(s) are not in the truth and are ignored: {extra[:5]}", stacklevel=2
-        )
-    for image_id, cells in truth.items():
-        cells = list(cells)
-        gt_classes = [sorted({int(c) for c in classes}) for _, classes in cells]
-        for classes in gt_classes:
-            for c in classes:
-                if not 0 <= c < NUM_CLASSES:
-                    raise ValueError(f"{image_id}: GT class id {c} is outside 0-{NUM_CLASSES - 1}")
-                n_gt[c] += 1
-        preds, pred_size = _predictions_of(predictions.get(image_id, []))
-        if not preds:
-            continue
-        size = tuple(int(v) for v in cells[0][0]["size"]) if cells else sizes.get(image_id, pred_size)
-        if pred_size is not None and size is not None and tuple(size) != pred_size:
-            raise ValueError(
-                f"{image_id}: the prediction is for a {pred_size[1]}x{pred_size[0]} image "
-                f"but the truth is {size[1]}x{size[0]}"
-            )
-        pred_cls = np.array([int(p[0]) for p in preds], dtype=np.int64)
-        if np.any((pred_cls < 0) | (pred_cls >= NUM_CLASSES)):
-            raise ValueError(f"{image_id}: predicted class id outside 0-{NUM_CLASSES - 1}")
-        pred_conf = np.array([float(p[1]) for p in preds], dtype=np.float64)
-        if cells:
-            rles = [kaggle_to_rle(m, size[0], size[1]) if isinstance(m, str) else m for _, _, m in preds]
-            ious = mask_ious(rles, [rle for rle, _ in cells])
-        else:
-            ious = np.zeros((len(preds), 0))
-        for c in np.unique(pred_cls).tolist():
-            pi = np.flatnonzero(pred_cls == c)
-            gi = [j for j, classes in enumerate(gt_classes) if c in classes]
-            tp = match_image(None, pred_conf[pi], None, iou_threshold, ious=ious[np.ix_(pi, gi)])
-            scores[c].append(pred_conf[pi])
+    for image_id in truth:
+        for c in range(NUM_CLASSES):
+            n_gt[c] += int(n_gt_img[image_id][c])
+        for c, (conf, tp) in matched[image_id].items():
+            scores[c].append(conf)
             tps[c].append(tp)
     ap: dict[int, float] = {}
     n_pred: dict[int, int] = {}
@@ -396,6 +427,63 @@ def evaluate(
         missing_ids=missing,
         extra_ids=extra,
     )
+
+
+def map_interval(
+    truth: Mapping[str, Sequence[GTCell]],
+    predictions: Mapping[str, Any],
+    iou_threshold: float = IOU_THRESHOLD,
+    *,
+    level: float = 0.9,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Bootstrap interval of the competition mAP over images.
+
+    The images are resampled with replacement (a field drawn twice counts twice: its predictions,
+    matches and GT instances), each resample is scored as :func:`evaluate` scores (per-class AP
+    over the pooled predictions, mean over classes with GT), and the central ``level`` of the
+    resampled mAPs is returned. Matching is done once per image, so this costs little more than
+    :func:`evaluate`. It says how much a mAP measured on these fields could move on other fields
+    drawn the same way.
+
+    Parameters
+    ----------
+    truth, predictions, iou_threshold
+        As for :func:`evaluate`.
+    level : float
+        Coverage of the interval (0.9: the 5th and 95th percentiles).
+    n_boot : int
+        Resamples.
+    seed : int
+        Seed of the resampling (the interval is reproducible).
+
+    Returns
+    -------
+    (float, float)
+        Lower and upper ends; (nan, nan) without images.
+    """
+    matched, n_gt, _, _ = _match_images(truth, predictions, iou_threshold, None)
+    ids = list(truth)
+    if not ids:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    maps = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = [ids[i] for i in rng.integers(0, len(ids), len(ids))]
+        gt = np.sum([n_gt[i] for i in pick], axis=0)
+        aps = []
+        for c in range(NUM_CLASSES):
+            if gt[c] == 0:
+                continue
+            parts = [matched[i][c] for i in pick if c in matched[i]]
+            conf = np.concatenate([q[0] for q in parts]) if parts else np.zeros(0)
+            tp = np.concatenate([q[1] for q in parts]) if parts else np.zeros(0, dtype=bool)
+            aps.append(average_precision(conf, tp, int(gt[c])))
+        maps[b] = np.mean(aps) if aps else math.nan
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.nanpercentile(maps, [tail, 100.0 - tail])
+    return float(lo), float(hi)
 
 
 def truth_from_labels(cells: np.ndarray, cell_labels: Mapping[int, Sequence[int]]) -> list[GTCell]:

@@ -273,13 +273,15 @@ def score_folder(
     Returns
     -------
     dict
-        ``{"map", "ap", "fields", "cells", "matched", "top1", "confusion", "n_true", "alone", "mixed"}``;
+        ``{"map", "map_interval", "ap", "fields", "cells", "matched", "top1", "confusion", "n_true", "alone",
+        "mixed"}`` (``map_interval``: the 90% bootstrap interval of the mAP over the fields,
+        :func:`locus.service.metric.map_interval`);
         ``confusion[t][c]`` counts matched cells of true class ``t`` called ``c``; ``n_true[t]`` the matched cells
         of class ``t``; ``alone[t]`` and ``mixed[t]`` are ``[cells, cells where t is called]`` over the matched
         cells whose only label is ``t`` and over those where ``t`` is one of several (a pattern under another).
     """
     from locus.service.classes import NUM_CLASSES
-    from locus.service.metric import evaluate, label_iou, truth_from_labels
+    from locus.service.metric import evaluate, label_iou, map_interval, truth_from_labels
     from locus.service.pipeline import ClassifyOptions
     from locus.service.readers import find_fields, load_field, load_truth, read_cell_labels
 
@@ -321,6 +323,7 @@ def score_folder(
     d = res.to_dict()
     return {
         "map": d["mAP"],
+        "map_interval": list(map_interval(truth, preds)),
         "ap": [c["ap"] for c in d["classes"]],
         "fields": len(refs),
         "cells": cells,
@@ -594,18 +597,25 @@ def _card_sections(
         f"Test-time augmentation: {ev.get('tta', 1)} view(s) per crop (the service's default where this ran: "
         "`LOCUS_TTA=auto` averages 8 on a GPU and uses 1 on a CPU)."
     )
-    head = f"| field | fields | cells | {names[0]} mAP | {names[1]} mAP | {names[0]} top-1 |"
-    lines += ["", head, "|---:|---:|---:|---:|---:|---:|"]
+    head = f"| field | fields | cells | {names[0]} mAP | 90% interval over fields | {names[1]} mAP | {names[0]} top-1 |"
+    lines += ["", head, "|---:|---:|---:|---:|---:|---:|---:|"]
     for s in sizes:
         n = ev["by_size"][str(s)]
         o = (old or {}).get("by_size", {}).get(str(s))
         top1 = "n/a" if n["top1"] is None else f"{n['top1']:.2f}"
+        band = n.get("map_interval")
+        band_text = "n/a" if not band else f"{band[0]:.3f}-{band[1]:.3f}"
         lines.append(
-            f"| {s}² | {n['fields']} | {n['cells']} | **{n['map']:.3f}** | "
+            f"| {s}² | {n['fields']} | {n['cells']} | **{n['map']:.3f}** | {band_text} | "
             f"{_num(None if o is None else o['map'])} | {top1} |"
         )
     old_worst = f"{_num(old['worst_map'])} ({old['worst_size']}²)" if old else "n/a"
-    lines.append(f"| worst | | | **{ev['worst_map']:.3f}** ({ev['worst_size']}²) | {old_worst} | |")
+    lines.append(f"| worst | | | **{ev['worst_map']:.3f}** ({ev['worst_size']}²) | | {old_worst} | |")
+    lines += [
+        "",
+        "The interval resamples the held-out fields with replacement (1,000 times) and scores each resample with "
+        "the competition metric: how far the mAP could move on other fields drawn the same way.",
+    ]
     lines += ["", "![mAP by field size](per_size_map.png)", "", "Per class (AP; n/a: class absent at that size):", ""]
     lines.append("| id | class | " + " | ".join(f"{s}²" for s in sizes) + " |")
     lines.append("|---:|---|" + "---:|" * len(sizes))
@@ -682,7 +692,14 @@ def record_evaluation(
     manifest = load_manifest(model_dir)
     training = dict(manifest.training)
     by_size = {
-        s: {"map": v["map"], "ap": v["ap"], "fields": v["fields"], "cells": v["cells"], "top1": v["top1"]}
+        s: {
+            "map": v["map"],
+            "map_interval": v.get("map_interval"),
+            "ap": v["ap"],
+            "fields": v["fields"],
+            "cells": v["cells"],
+            "top1": v["top1"],
+        }
         for s, v in ev["by_size"].items()
     }
     metrics = {

@@ -11,6 +11,7 @@ from locus.service.encoding import encode_binary_mask, encode_mask_coco
 from locus.service.metric import (
     average_precision,
     evaluate,
+    map_interval,
     match_image,
     segmentation_scores,
     truth_from_labels,
@@ -280,6 +281,33 @@ def test_against_independent_implementation():
                 assert res.ap[c] == pytest.approx(ref[c], abs=1e-12), (c, res.ap[c], ref[c])
             else:
                 assert math.isnan(res.ap[c])
+
+
+def test_map_interval_is_a_bootstrap_over_images():
+    """Each resample is scored as evaluate() scores the same images listed with repeats; the interval brackets
+    the mAP and collapses when every image is alike."""
+    good = _truth((A, [0]), (C, [5]))
+    hit = [(0, 0.9, encode_binary_mask(A)), (5, 0.8, encode_binary_mask(C))]
+    miss = [(0, 0.9, encode_binary_mask(C)), (5, 0.8, encode_binary_mask(A))]
+    same = {f"i{k}": good for k in range(6)}
+    full = evaluate(same, {f"i{k}": hit for k in range(6)}).mAP
+    assert map_interval(same, {f"i{k}": hit for k in range(6)}, n_boot=50) == (full, full) == (1.0, 1.0)
+    # half the images right, half wrong: resamples range from mostly wrong to mostly right
+    preds = {f"i{k}": hit if k % 2 else miss for k in range(6)}
+    mean = evaluate(same, preds).mAP
+    lo, hi = map_interval(same, preds, n_boot=400)
+    assert lo < mean < hi and lo >= 0.0 and hi <= 1.0
+    assert map_interval(same, preds, n_boot=400) == (lo, hi)  # seeded
+    # one resample by hand: the images it draws, repeats included, as distinct images through evaluate()
+    rng = np.random.default_rng(3)
+    ids = list(same)
+    pick = [ids[i] for i in rng.integers(0, len(ids), len(ids))]
+    by_hand = evaluate(
+        {f"{i}#{n}": same[i] for n, i in enumerate(pick)}, {f"{i}#{n}": preds[i] for n, i in enumerate(pick)}
+    )
+    one = map_interval(same, preds, n_boot=1, seed=3, level=0.0)
+    assert one[0] == pytest.approx(by_hand.mAP)
+    assert all(math.isnan(v) for v in map_interval({}, {}))  # no images, no interval
 
 
 def test_segmentation_scores():

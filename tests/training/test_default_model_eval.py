@@ -52,3 +52,12 @@ def test_card_tables_the_alone_and_mixed_rates(scored: dict):
     # an evaluation written before the split existed still renders, without the table
     old = {k: v for k, v in scored.items() if k not in ("alone", "mixed")}
     assert "in a mixture" not in _card_sections({**ev, "by_size": {"512": old}}, None, None, None)
+
+
+@pytest.mark.slow
+def test_card_gives_each_sizes_interval_over_fields(scored: dict):
+    lo, hi = scored["map_interval"]
+    assert lo <= scored["map"] <= hi
+    ev = {"by_size": {"512": scored}, "worst_map": scored["map"], "worst_size": 512, "tta": 1}
+    (row,) = [line for line in _card_sections(ev, None, None, None).splitlines() if line.startswith("| 512² |")]
+    assert f"| {lo:.3f}-{hi:.3f} |" in row
