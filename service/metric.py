@@ -360,6 +360,39 @@ def _match_images(
     return matched, n_gt, missing, extra
 
 
+def _pool(
+    matched: Mapping[str, Mapping[int, tuple[np.ndarray, np.ndarray]]],
+    n_gt_img: Mapping[str, np.ndarray],
+    ids: Sequence[str],
+) -> tuple[dict[int, float], dict[int, int], dict[int, int], dict[int, int]]:
+    """Per-class AP over the pooled matches of ``ids`` (in that order; an ID listed twice counts twice).
+
+    Returns
+    -------
+    ap, n_gt, n_pred, n_tp : dict of int
+        Per class: AP (NaN without GT), GT instances, predictions and true positives.
+    """
+    ap: dict[int, float] = {}
+    n_gt: dict[int, int] = {}
+    n_pred: dict[int, int] = {}
+    n_tp: dict[int, int] = {}
+    for c in range(NUM_CLASSES):
+        parts = [matched[i][c] for i in ids if c in matched[i]]
+        s = np.concatenate([q[0] for q in parts]) if parts else np.zeros(0)
+        t = np.concatenate([q[1] for q in parts]) if parts else np.zeros(0, dtype=bool)
+        n_gt[c] = int(sum(int(n_gt_img[i][c]) for i in ids))
+        ap[c] = average_precision(s, t, n_gt[c])
+        n_pred[c] = len(s)
+        n_tp[c] = int(t.sum())
+    return ap, n_gt, n_pred, n_tp
+
+
+def _mean_defined(ap: Mapping[int, float]) -> float:
+    """Mean of the per-class APs that are defined (classes with GT); NaN when none is."""
+    defined = [v for v in ap.values() if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
 def evaluate(
     truth: Mapping[str, Sequence[GTCell]],
     predictions: Mapping[str, Any],
@@ -396,26 +429,8 @@ def evaluate(
         prediction and truth.
     """
     matched, n_gt_img, missing, extra = _match_images(truth, predictions, iou_threshold, sizes)
-    scores: dict[int, list[np.ndarray]] = {c: [] for c in range(NUM_CLASSES)}
-    tps: dict[int, list[np.ndarray]] = {c: [] for c in range(NUM_CLASSES)}
-    n_gt = dict.fromkeys(range(NUM_CLASSES), 0)
-    for image_id in truth:
-        for c in range(NUM_CLASSES):
-            n_gt[c] += int(n_gt_img[image_id][c])
-        for c, (conf, tp) in matched[image_id].items():
-            scores[c].append(conf)
-            tps[c].append(tp)
-    ap: dict[int, float] = {}
-    n_pred: dict[int, int] = {}
-    n_tp: dict[int, int] = {}
-    for c in range(NUM_CLASSES):
-        s = np.concatenate(scores[c]) if scores[c] else np.zeros(0)
-        t = np.concatenate(tps[c]) if tps[c] else np.zeros(0, dtype=bool)
-        ap[c] = average_precision(s, t, n_gt[c])
-        n_pred[c] = len(s)
-        n_tp[c] = int(t.sum())
-    defined = [v for v in ap.values() if not math.isnan(v)]
-    mean_ap = float(np.mean(defined)) if defined else math.nan
+    ap, n_gt, n_pred, n_tp = _pool(matched, n_gt_img, list(truth))
+    mean_ap = _mean_defined(ap)
     return MetricResult(
         ap=ap,
         n_gt=n_gt,
@@ -471,16 +486,7 @@ def map_interval(
     maps = np.empty(n_boot)
     for b in range(n_boot):
         pick = [ids[i] for i in rng.integers(0, len(ids), len(ids))]
-        gt = np.sum([n_gt[i] for i in pick], axis=0)
-        aps = []
-        for c in range(NUM_CLASSES):
-            if gt[c] == 0:
-                continue
-            parts = [matched[i][c] for i in pick if c in matched[i]]
-            conf = np.concatenate([q[0] for q in parts]) if parts else np.zeros(0)
-            tp = np.concatenate([q[1] for q in parts]) if parts else np.zeros(0, dtype=bool)
-            aps.append(average_precision(conf, tp, int(gt[c])))
-        maps[b] = np.mean(aps) if aps else math.nan
+        maps[b] = _mean_defined(_pool(matched, n_gt, pick)[0])
     tail = (1.0 - level) / 2.0 * 100.0
     lo, hi = np.nanpercentile(maps, [tail, 100.0 - tail])
     return float(lo), float(hi)
