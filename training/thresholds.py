@@ -72,13 +72,7 @@ def best_f1_threshold(y_true: np.ndarray, y_prob: np.ndarray, default: float = 0
     f1 : float
         F1 at that threshold (0 without positives).
     """
-    y_true = np.asarray(y_true).astype(bool).ravel()
-    y_prob = np.asarray(y_prob, dtype=np.float64).ravel()
-    if not y_true.any() or y_prob.size == 0:
-        return float(default), 0.0
-    f1, cut = _f1_cuts(y_true, y_prob)
-    i = int(np.argmax(f1))
-    return float(cut[i]), float(f1[i])
+    return plateau_f1_threshold(y_true, y_prob, 0.0, default)
 
 
 def f1_standard_error(y_true: np.ndarray, y_prob: np.ndarray, n_boot: int = 200, seed: int = 0) -> float:
@@ -124,7 +118,7 @@ def plateau_f1_threshold(
     y_prob : numpy.ndarray
         (N,) probabilities.
     tolerance : float
-        F1 below the best that still counts as as good (0: :func:`best_f1_threshold`).
+        F1 below the best that still counts as as good (0: the best cut itself, :func:`best_f1_threshold`).
     default : float
         Returned when there are no positives.
 
@@ -141,12 +135,12 @@ def plateau_f1_threshold(
     if not y_true.any() or y_prob.size == 0:
         return float(default), 0.0
     f1, cut = _f1_cuts(y_true, y_prob)
-    best = float(f1.max())
     if tolerance <= 0:
-        return best_f1_threshold(y_true, y_prob, default)
-    good = np.flatnonzero(f1 >= best - tolerance)
-    middle = (cut[good].min() + cut[good].max()) / 2.0
-    i = good[int(np.argmin(np.abs(cut[good] - middle)))]
+        i = int(np.argmax(f1))  # the best cut, the highest threshold among equals
+    else:
+        good = np.flatnonzero(f1 >= f1.max() - tolerance)
+        middle = (cut[good].min() + cut[good].max()) / 2.0
+        i = int(good[np.argmin(np.abs(cut[good] - middle))])
     return float(cut[i]), float(f1[i])
 
 
