@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from locus.service.manifest import Manifest, ModelFolderError, load_manifest
+from locus.service.tta import TTA_VIEWS
 
 __all__ = ["GPU_PROVIDERS", "Classifier", "ProviderReport", "create_session"]
 
@@ -173,7 +174,7 @@ class Classifier:
             )
         self.max_batch = max_batch
         self.thresholds = np.asarray(self.manifest.thresholds, dtype=np.float32)
-        self._view_thresholds = {n: np.asarray(self.manifest.thresholds_for(n), dtype=np.float32) for n in (1, 2, 4, 8)}
+        self._view_thresholds = {n: np.asarray(self.manifest.thresholds_for(n), dtype=np.float32) for n in TTA_VIEWS}
         self.crop_rule = self.manifest.crop.rule()
         self._grad_session: ort.InferenceSession | None = None
         self._grad_lock = threading.Lock()

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from locus.service.classes import CHANNELS, CLASS_NAMES, NUM_CLASSES
 from locus.service.crop import CropRule
+from locus.service.tta import TTA_VIEWS
 
 __all__ = ["CropSpec", "GradSpec", "Manifest", "ModelFolderError", "load_manifest", "sha256_file", "MANIFEST_NAME"]
 
@@ -116,7 +117,7 @@ class Manifest(BaseModel):
     @classmethod
     def _view_thresholds(cls, v: dict[int, list[float]]) -> dict[int, list[float]]:
         for n, values in v.items():
-            if n not in (2, 4, 8):
+            if n not in TTA_VIEWS or n == 1:
                 raise ValueError(f"view_thresholds: view counts are 2, 4 or 8, got {n}")
             if len(values) != NUM_CLASSES or not all(0.0 <= t <= 1.0 for t in values):
                 raise ValueError(f"view_thresholds[{n}] must be {NUM_CLASSES} numbers in [0, 1]")

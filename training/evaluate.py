@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from locus.service.metric import IOU_THRESHOLD, evaluate_folder, evaluate_image_level_csv
+from locus.service.tta import TTA_VIEWS
 
 __all__ = ["configure_parser", "run"]
 
@@ -68,7 +69,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     image.add_argument(
         "--tta",
         type=int,
-        choices=(1, 2, 4, 8),
+        choices=TTA_VIEWS,
         default=1,
         help="the views the predictions averaged (locus predict's LOCUS_TTA): the model's thresholds for that many "
         "views decide a call (default 1)",

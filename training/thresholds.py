@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from locus.service.tta import TTA_VIEWS, check_views, stack_views
+
 __all__ = [
     "THRESHOLD_RULES",
     "f1_standard_error",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 #: The view counts that get their own thresholds (one view uses the manifest's ``thresholds``).
-VIEW_COUNTS: tuple[int, ...] = (2, 4, 8)
+VIEW_COUNTS: tuple[int, ...] = tuple(n for n in TTA_VIEWS if n > 1)
 
 
 def _f1_cuts(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,8 +220,6 @@ def tune_view_thresholds(
         ``{n: C thresholds}`` maximising F1 on the ``n``-view mean of each cell's scores, the
         mean the service computes with ``tta = n``.
     """
-    from locus.service.tta import check_views, stack_views
-
     views = sorted({check_views(n) for n in views})
     if not views:
         return {}

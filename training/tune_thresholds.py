@@ -58,6 +58,7 @@ def tune_folder(
         The run has no config, or its crops do not fit the model's input.
     """
     from locus.service.inference import Classifier
+    from locus.service.tta import TTA_VIEWS
     from locus.training.config import load_config
     from locus.training.dataset import build_crops, split_by_image
     from locus.training.thresholds import tune_view_thresholds
@@ -81,7 +82,7 @@ def tune_folder(
         lambda b: classifier.predict(b.astype(np.float32)),
         crops.images[va_idx],
         crops.labels[va_idx],
-        views=(1, 2, 4, 8),
+        views=TTA_VIEWS,
         rule=rule,
     )
 
