@@ -61,7 +61,11 @@ REF_CELL_DIAMETER_PX = 335.0
 _MAX_SEED_CELLS = 3000
 _SCALE_SALT = 0x5343414C45  # "SCALE": the per-field cell-diameter draw's own stream
 
-SIM_VERSION = "2.3"
+SIM_VERSION = "2.4"
+#: Relative level of a diffuse localisation (nucleoplasm, cytosol) in a field that also shows a structured one;
+#: structured classes draw theirs from 0.55-1.0. Before HPA-sim 2.4 both drew 0.55-1.0, and a cytosolic pool
+#: at full level hid microtubules, centrosomes and the ER of the same cells.
+DIFFUSE_UNDER_STRUCTURE = (0.3, 0.55)
 #: Share of fields whose cells all carry a faint, unannotated background stain
 #: (:func:`locus.training.sim.patterns.background_stain`).
 BACKGROUND_STAIN_RATE = 0.5
@@ -425,9 +429,17 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     protein_gain = float(np.exp(rng.normal(np.log(0.32), 0.35)))
     per_cell = cell_gain(0.4)
     present = sorted({c for labels in cell_labels.values() for c in labels} - {NEGATIVE})
+    structured = any(c not in _DIFFUSE for c in present)
     for c in present:
         ids = np.array([k for k, labels in cell_labels.items() if c in labels], dtype=np.int64)
-        rel = rng.uniform(0.55, 1.0) if len(present) > 1 else 1.0
+        if len(present) == 1:
+            rel = 1.0
+        elif c in _DIFFUSE and structured:
+            # A diffuse pool spreads the protein over a whole compartment; an annotated structure concentrates it
+            # (an annotator calls a structure only where it stands out over the pool).
+            rel = rng.uniform(*DIFFUSE_UNDER_STRUCTURE)
+        else:
+            rel = rng.uniform(0.55, 1.0)
         lut = np.zeros(n + 1, np.float32)
         lut[ids] = per_cell[ids] * protein_gain * rel
         green += PATTERNS[c](ctx, ids) * lut[geo.cells]
