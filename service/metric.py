@@ -57,7 +57,11 @@ __all__ = [
     "mask_ious",
     "evaluate",
     "evaluate_folder",
+    "read_truth_folder",
     "map_interval",
+    "bootstrap_maps",
+    "MapDifference",
+    "map_difference",
     "truth_from_labels",
     "segmentation_scores",
     "WRONG_CALL_SHARE",
@@ -444,6 +448,70 @@ def evaluate(
     )
 
 
+def bootstrap_maps(
+    truth: Mapping[str, Sequence[GTCell]],
+    predictions: Sequence[Mapping[str, Any]],
+    iou_threshold: float = IOU_THRESHOLD,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    sizes: Mapping[str, tuple[int, int]] | None = None,
+) -> np.ndarray:
+    """Competition mAP of one or more prediction sets on the same bootstrap resamples of the images.
+
+    Each resample draws the images with replacement (a field drawn twice counts twice: its predictions,
+    matches and GT instances) and is scored as :func:`evaluate` scores (per-class AP over the pooled
+    predictions, mean over classes with GT). Every prediction set is scored on the same resamples, so
+    the sets' mAPs can be compared resample by resample (a paired bootstrap: how hard the drawn fields
+    are cancels out of the difference). Matching is done once per image and set.
+
+    Parameters
+    ----------
+    truth, iou_threshold, sizes
+        As for :func:`evaluate`.
+    predictions : sequence of mapping
+        One or more prediction sets, each as for :func:`evaluate`.
+    n_boot : int
+        Resamples.
+    seed : int
+        Seed of the resampling (reproducible).
+
+    Returns
+    -------
+    numpy.ndarray
+        (len(predictions), n_boot) resampled mAPs; (len(predictions), 0) without images.
+    """
+    if not truth:
+        return np.zeros((len(predictions), 0))
+    matches = [_match_images(truth, p, iou_threshold, sizes)[:2] for p in predictions]
+    return _resampled_maps(matches, list(truth), n_boot, seed)
+
+
+def _resampled_maps(
+    matches: Sequence[tuple[Mapping[str, Mapping[int, tuple[np.ndarray, np.ndarray]]], Mapping[str, np.ndarray]]],
+    ids: Sequence[str],
+    n_boot: int,
+    seed: int,
+) -> np.ndarray:
+    """(len(matches), n_boot) mAPs of each matched set on the same resamples of ``ids``."""
+    rng = np.random.default_rng(seed)
+    maps = np.empty((len(matches), n_boot))
+    for b in range(n_boot):
+        pick = [ids[i] for i in rng.integers(0, len(ids), len(ids))]
+        for k, (matched, n_gt) in enumerate(matches):
+            maps[k, b] = _mean_defined(_pool(matched, n_gt, pick)[0])
+    return maps
+
+
+def _central(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` of ``values`` (NaNs ignored); (nan, nan) when empty."""
+    if values.size == 0:
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.nanpercentile(values, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
 def map_interval(
     truth: Mapping[str, Sequence[GTCell]],
     predictions: Mapping[str, Any],
@@ -455,12 +523,9 @@ def map_interval(
 ) -> tuple[float, float]:
     """Bootstrap interval of the competition mAP over images.
 
-    The images are resampled with replacement (a field drawn twice counts twice: its predictions,
-    matches and GT instances), each resample is scored as :func:`evaluate` scores (per-class AP
-    over the pooled predictions, mean over classes with GT), and the central ``level`` of the
-    resampled mAPs is returned. Matching is done once per image, so this costs little more than
-    :func:`evaluate`. It says how much a mAP measured on these fields could move on other fields
-    drawn the same way.
+    The images are resampled with replacement and each resample is scored with the competition
+    metric (:func:`bootstrap_maps`); the central ``level`` of the resampled mAPs is returned. It says
+    how much a mAP measured on these fields could move on other fields drawn the same way.
 
     Parameters
     ----------
@@ -478,18 +543,97 @@ def map_interval(
     (float, float)
         Lower and upper ends; (nan, nan) without images.
     """
-    matched, n_gt, _, _ = _match_images(truth, predictions, iou_threshold, None)
+    return _central(bootstrap_maps(truth, [predictions], iou_threshold, n_boot=n_boot, seed=seed)[0], level)
+
+
+@dataclass(frozen=True)
+class MapDifference:
+    """mAP of predictions A minus that of predictions B on the same images, with its paired bootstrap interval.
+
+    Attributes
+    ----------
+    difference : float
+        mAP(A) - mAP(B) on all the images.
+    interval : tuple of float
+        Central ``level`` of the difference over paired resamples (both sets scored on the same draw).
+    a_better : float
+        Share of the resamples in which A's mAP is above B's.
+    level : float
+        Coverage of ``interval``.
+    n_images : int
+        Images scored.
+    """
+
+    difference: float
+    interval: tuple[float, float]
+    a_better: float
+    level: float
+    n_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "difference": self.difference,
+            "interval": list(self.interval),
+            "a_better": self.a_better,
+            "level": self.level,
+            "n_images": self.n_images,
+        }
+
+    def text(self, a: str = "A", b: str = "B") -> str:
+        """One line: the difference, its interval and how often A came out ahead."""
+        lo, hi = self.interval
+        return (
+            f"mAP {a} - {b}: {self.difference:+.3f}, {self.level:.0%} paired bootstrap interval over "
+            f"{self.n_images} images {lo:+.3f} to {hi:+.3f}; {a} higher in {self.a_better:.0%} of resamples"
+        )
+
+
+def map_difference(
+    truth: Mapping[str, Sequence[GTCell]],
+    predictions_a: Mapping[str, Any],
+    predictions_b: Mapping[str, Any],
+    iou_threshold: float = IOU_THRESHOLD,
+    *,
+    level: float = 0.9,
+    n_boot: int = 1000,
+    seed: int = 0,
+    sizes: Mapping[str, tuple[int, int]] | None = None,
+) -> MapDifference:
+    """Compare two prediction sets on the same images: the mAP difference and its paired bootstrap interval.
+
+    Two models scored on the same fields share those fields' difficulty, so their difference is known
+    much more precisely than either mAP alone (:func:`map_interval`). Both sets are scored on every
+    resample of the images (:func:`bootstrap_maps`) and the interval is taken over the differences.
+
+    Parameters
+    ----------
+    truth, iou_threshold, sizes
+        As for :func:`evaluate`.
+    predictions_a, predictions_b : mapping
+        The two prediction sets, each as for :func:`evaluate`.
+    level, n_boot, seed
+        As for :func:`map_interval`.
+
+    Returns
+    -------
+    MapDifference
+        NaN difference and interval without images.
+    """
+    if not truth:
+        return MapDifference(math.nan, (math.nan, math.nan), math.nan, level, 0)
     ids = list(truth)
-    if not ids:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    maps = np.empty(n_boot)
-    for b in range(n_boot):
-        pick = [ids[i] for i in rng.integers(0, len(ids), len(ids))]
-        maps[b] = _mean_defined(_pool(matched, n_gt, pick)[0])
-    tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.nanpercentile(maps, [tail, 100.0 - tail])
-    return float(lo), float(hi)
+    matches = [_match_images(truth, p, iou_threshold, sizes)[:2] for p in (predictions_a, predictions_b)]
+    a, b = (_mean_defined(_pool(matched, n_gt, ids)[0]) for matched, n_gt in matches)
+    maps = _resampled_maps(matches, ids, n_boot, seed)
+    diff = maps[0] - maps[1]
+    return MapDifference(
+        difference=float(a - b),
+        interval=_central(diff, level),
+        a_better=float(np.mean(diff > 0)),
+        level=level,
+        n_images=len(truth),
+    )
 
 
 def truth_from_labels(cells: np.ndarray, cell_labels: Mapping[int, Sequence[int]]) -> list[GTCell]:
@@ -523,6 +667,44 @@ def truth_from_labels(cells: np.ndarray, cell_labels: Mapping[int, Sequence[int]
     return [(rles[i], sorted({int(c) for c in cell_labels[i]})) for i in ids]
 
 
+def read_truth_folder(
+    truth_dir: str | os.PathLike,
+) -> tuple[dict[str, list[GTCell]], dict[str, tuple[int, int]]]:
+    """Ground truth of a dataset folder, as :func:`evaluate` takes it.
+
+    Parameters
+    ----------
+    truth_dir : path-like
+        Dataset folder containing ``truth/`` (``{ID}_cells.png`` and
+        ``cells.csv``), or the ``truth/`` folder itself.
+
+    Returns
+    -------
+    truth : dict
+        Per image ID, its GT cells.
+    sizes : dict
+        Per image ID, (height, width).
+
+    Raises
+    ------
+    ValueError
+        No truth images in the folder.
+    """
+    from locus.service.readers import load_truth, read_cell_labels, truth_ids
+
+    ids = truth_ids(truth_dir)
+    if not ids:
+        raise ValueError(f"{truth_dir}: no truth/{{ID}}_cells.png found")
+    labels = read_cell_labels(truth_dir)
+    truth: dict[str, list[GTCell]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for image_id in ids:
+        t = load_truth(truth_dir, image_id, cell_labels=labels.get(image_id, {}))
+        truth[image_id] = truth_from_labels(t.cells, t.cell_labels)
+        sizes[image_id] = (int(t.cells.shape[0]), int(t.cells.shape[1]))
+    return truth, sizes
+
+
 def evaluate_folder(
     truth_dir: str | os.PathLike, submission_csv: str | os.PathLike, iou_threshold: float = IOU_THRESHOLD
 ) -> MetricResult:
@@ -542,19 +724,9 @@ def evaluate_folder(
     -------
     MetricResult
     """
-    from locus.service.readers import load_truth, read_cell_labels, truth_ids
     from locus.service.submission import read_submission
 
-    ids = truth_ids(truth_dir)
-    if not ids:
-        raise ValueError(f"{truth_dir}: no truth/{{ID}}_cells.png found")
-    labels = read_cell_labels(truth_dir)
-    truth: dict[str, list[GTCell]] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    for image_id in ids:
-        t = load_truth(truth_dir, image_id, cell_labels=labels.get(image_id, {}))
-        truth[image_id] = truth_from_labels(t.cells, t.cell_labels)
-        sizes[image_id] = (int(t.cells.shape[0]), int(t.cells.shape[1]))
+    truth, sizes = read_truth_folder(truth_dir)
     return evaluate(truth, read_submission(submission_csv), iou_threshold, sizes=sizes)
 
 

@@ -2,12 +2,14 @@
 
 Usage::
 
-    locus eval --truth DIR --predictions submission.csv [--json out.json] [--iou 0.6]
+    locus eval --truth DIR --predictions submission.csv [--json out.json] [--iou 0.6] [--against other.csv]
 
 ``DIR`` is a dataset folder with ``truth/`` (``{ID}_cells.png``, ``cells.csv``)
 or the ``truth/`` folder itself. Prints a per-class table (id, name, n GT,
 n pred, AP; "n/a" for classes without ground truth, which are excluded from
-the mean) and a final line ``mAP: 0.xxx``.
+the mean) and a final line ``mAP: 0.xxx``. With ``--against`` (a second model's
+CSV for the same fields) it also prints the mAP difference with its paired
+bootstrap interval over the fields: which model is better, and how sure that is.
 
 Image-level mode, for fields with image labels only (real HPA / Kaggle fields)::
 
@@ -27,7 +29,13 @@ import json
 import sys
 from pathlib import Path
 
-from locus.service.metric import IOU_THRESHOLD, evaluate_folder, evaluate_image_level_csv
+from locus.service.metric import (
+    IOU_THRESHOLD,
+    evaluate,
+    evaluate_image_level_csv,
+    map_difference,
+    read_truth_folder,
+)
 from locus.service.tta import TTA_VIEWS
 
 __all__ = ["configure_parser", "run"]
@@ -56,6 +64,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=IOU_THRESHOLD,
         help=f"IoU threshold of a match (default {IOU_THRESHOLD}, the competition's)",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="CSV",
+        default=None,
+        help="a second submission CSV for the same fields (another model): also print the mAP difference "
+        "predictions - against with its 90%% paired bootstrap interval over the fields",
     )
     image = parser.add_argument_group("image-level mode (fields with image labels only)")
     image.add_argument(
@@ -91,14 +106,30 @@ def run(args: argparse.Namespace) -> int:
     """
     if getattr(args, "image_level", False):
         return _run_image_level(args)
+    from locus.service.submission import read_submission
+
     try:
-        result = evaluate_folder(args.truth, args.predictions, iou_threshold=args.iou)
+        truth, sizes = read_truth_folder(args.truth)
+        predictions = read_submission(args.predictions)
+        result = evaluate(truth, predictions, args.iou, sizes=sizes)
+        against = None
+        if args.against:
+            other = read_submission(args.against)
+            against = map_difference(truth, predictions, other, args.iou, sizes=sizes)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"locus eval: {exc}\n")
         return 2
     print(result.table())
+    out = result.to_dict()
+    if against is not None:
+        names = (Path(args.predictions).name, Path(args.against).name)
+        if names[0] == names[1]:
+            names = ("predictions", "against")
+        print(against.text(*names))
+        out["against"] = {"predictions": str(args.against), "mAP": result.mAP - against.difference}
+        out["against"].update(against.to_dict())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

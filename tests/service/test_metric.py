@@ -10,7 +10,9 @@ import pytest
 from locus.service.encoding import encode_binary_mask, encode_mask_coco
 from locus.service.metric import (
     average_precision,
+    bootstrap_maps,
     evaluate,
+    map_difference,
     map_interval,
     match_image,
     segmentation_scores,
@@ -310,6 +312,42 @@ def test_map_interval_is_a_bootstrap_over_images():
     assert all(math.isnan(v) for v in map_interval({}, {}))  # no images, no interval
 
 
+def test_map_difference_pairs_the_two_models_on_the_same_resamples():
+    """The difference is evaluate(A) - evaluate(B); each resample scores both sets on the same draw; sharing the
+    fields' difficulty makes the paired interval far narrower than either model's own interval."""
+    good = _truth((A, [0]), (C, [5]))
+    hit = [(0, 0.9, encode_binary_mask(A)), (5, 0.8, encode_binary_mask(C))]
+    miss = [(0, 0.9, encode_binary_mask(C)), (5, 0.8, encode_binary_mask(A))]
+    half = [(0, 0.9, encode_binary_mask(A)), (5, 0.8, encode_binary_mask(A))]  # class 0 right, class 5 wrong
+    truth = {f"i{k}": good for k in range(10)}
+    # Both models fail the same hard fields (0-3); A also gets field 4 right, where B gets half of it.
+    a = {f"i{k}": miss if k < 4 else hit for k in range(10)}
+    b = {**a, "i4": half}
+    d = map_difference(truth, a, b, n_boot=400)
+    assert d.difference == pytest.approx(evaluate(truth, a).mAP - evaluate(truth, b).mAP)
+    assert d.difference > 0 and d.n_images == 10 and d.level == 0.9
+    lo, hi = d.interval
+    assert 0.0 <= lo <= d.difference <= hi
+    a_lo, a_hi = map_interval(truth, a, n_boot=400)
+    assert hi - lo < 0.5 * (a_hi - a_lo), (d.interval, (a_lo, a_hi))  # paired: the hard fields cancel
+    assert 0.5 < d.a_better <= 1.0  # A is never below B; ties where field 4 is not drawn
+    assert map_difference(truth, a, b, n_boot=400) == d  # seeded
+    same = map_difference(truth, a, a, n_boot=50)
+    assert (same.difference, same.interval, same.a_better) == (0.0, (0.0, 0.0), 0.0)
+    # one resample by hand: both rows are evaluate() on the drawn images, repeats as distinct images
+    rng = np.random.default_rng(5)
+    ids = list(truth)
+    pick = [ids[i] for i in rng.integers(0, len(ids), len(ids))]
+    rows = bootstrap_maps(truth, [a, b], n_boot=1, seed=5)
+    for row, preds in zip(rows, (a, b), strict=True):
+        by_hand = evaluate(
+            {f"{i}#{n}": truth[i] for n, i in enumerate(pick)}, {f"{i}#{n}": preds[i] for n, i in enumerate(pick)}
+        )
+        assert row[0] == pytest.approx(by_hand.mAP)
+    assert math.isnan(map_difference({}, {}, {}).difference)
+    assert "A - B: +" in d.text() and "paired bootstrap interval over 10 images" in d.text()
+
+
 def test_segmentation_scores():
     true = np.zeros((H, W), dtype=np.int32)
     true[A] = 1
@@ -407,7 +445,26 @@ def test_locus_eval_cli(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] != "mAP: 1.000"
+    half_map = float(proc.stdout.strip().splitlines()[-1].split()[-1])
+    assert half_map < 1.0
+
+    # Two models on the same fields: the difference and its paired interval.
+    base = [_locus(), "eval", "--truth", str(tmp_path), "--predictions", str(tmp_path / "submission.csv")]
+    proc = subprocess.run(
+        [*base, "--against", str(tmp_path / "half.csv"), "--json", str(out_json)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"mAP submission.csv - half.csv: +{1.0 - half_map:.3f}"), last
+    assert "paired bootstrap interval over 2 images" in last
+    data = json.loads(out_json.read_text())
+    assert data["mAP"] == 1.0 and data["against"]["mAP"] == pytest.approx(half_map, abs=5e-4)
+    assert data["against"]["difference"] == pytest.approx(1.0 - half_map)
+    lo, hi = data["against"]["interval"]
+    assert 0.0 <= lo <= data["against"]["difference"] <= hi
 
     proc = subprocess.run(
         [_locus(), "eval", "--truth", str(tmp_path / "nothing"), "--predictions", str(tmp_path / "half.csv")],
