@@ -251,7 +251,11 @@ def _heldout_sets(
 
 
 def score_folder(
-    pipeline: Any, folder: str | Path, progress: bool = False, pixel_size: float | None = None
+    pipeline: Any,
+    folder: str | Path,
+    progress: bool = False,
+    pixel_size: float | None = None,
+    keep: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Competition mAP and cell-level confusion of one pipeline on one HPA-sim folder with truth.
 
@@ -269,6 +273,9 @@ def score_folder(
         Print one line per field.
     pixel_size : float, optional
         The fields' pixel size (``ClassifyOptions.pixel_size``: resampled to the model's scale); None: as sent.
+    keep : dict, optional
+        Filled with ``"truth"`` and ``"predictions"`` (per field, as :func:`locus.service.metric.evaluate`
+        takes them), to compare this model with another on the same fields (:func:`compare_sizes`).
 
     Returns
     -------
@@ -321,6 +328,8 @@ def score_folder(
             print(f"  {ref.id}: {len(result.cells)} cells", flush=True)
     res = evaluate(truth, preds)
     d = res.to_dict()
+    if keep is not None:
+        keep.update(truth=truth, predictions=preds)
     return {
         "map": d["mAP"],
         "map_interval": list(map_interval(truth, preds)),
@@ -337,7 +346,11 @@ def score_folder(
 
 
 def evaluate_sizes(
-    model_dir: str | Path, heldout: dict[int, Path], segmenter: str = "classical", progress: bool = True
+    model_dir: str | Path,
+    heldout: dict[int, Path],
+    segmenter: str = "classical",
+    progress: bool = True,
+    keep: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Held-out competition mAP of a model folder at every field size.
 
@@ -351,6 +364,8 @@ def evaluate_sizes(
         Segmentation backend.
     progress : bool
         Print a line per size.
+    keep : dict, optional
+        Filled per size (``str``) with the truth and predictions (:func:`score_folder`'s ``keep``).
 
     Returns
     -------
@@ -367,7 +382,8 @@ def evaluate_sizes(
     try:
         for size, folder in sorted(heldout.items()):
             t = time.time()
-            by_size[str(size)] = score_folder(pipeline, folder)
+            kept = None if keep is None else keep.setdefault(str(size), {})
+            by_size[str(size)] = score_folder(pipeline, folder, keep=kept)
             if progress:
                 s = by_size[str(size)]
                 print(
@@ -387,6 +403,86 @@ def evaluate_sizes(
         "seconds": round(time.time() - t0, 1),
         "tta": pipeline.tta,
     }
+
+
+def compare_sizes(
+    kept_a: dict[str, dict[str, Any]],
+    kept_b: dict[str, dict[str, Any]],
+    *,
+    level: float = 0.9,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired bootstrap comparison of two models on the same held-out fields, per size and over sizes.
+
+    Each size's fields are resampled with replacement and both models are scored on the same draw
+    (:func:`locus.service.metric.bootstrap_maps`), so how hard the drawn fields are cancels out of the
+    difference. The worst size and the mean over sizes are compared on the same draws: for each
+    resample, model A's worst (or mean) mAP over the sizes against model B's.
+
+    Parameters
+    ----------
+    kept_a, kept_b : dict
+        Per size, the truth and predictions of each model (:func:`evaluate_sizes`'s ``keep``), on the
+        same fields.
+    level : float
+        Coverage of the intervals.
+    n_boot : int
+        Resamples.
+    seed : int
+        Seed of the resampling.
+
+    Returns
+    -------
+    dict
+        ``{"by_size": {size: d}, "worst": d, "mean": d, "level", "n_boot"}``, each ``d`` as
+        ``{"difference": mAP(A) - mAP(B), "interval": [lo, hi], "a_better", "b_better"}`` (the shares of the
+        resamples with A above B and with B above A; the rest are ties).
+    """
+    from locus.service.metric import bootstrap_maps, evaluate
+
+    sizes = sorted((s for s in kept_a if s in kept_b), key=int)
+    full, boots = {}, {}
+    for s in sizes:
+        truth = kept_a[s]["truth"]
+        preds = (kept_a[s]["predictions"], kept_b[s]["predictions"])
+        full[s] = np.array([evaluate(truth, p).mAP for p in preds])
+        boots[s] = bootstrap_maps(truth, list(preds), n_boot=n_boot, seed=seed)
+    tail = (1.0 - level) / 2.0 * 100.0
+
+    def summary(point: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
+        diff = draws[0] - draws[1]
+        lo, hi = np.nanpercentile(diff, [tail, 100.0 - tail]) if diff.size else (np.nan, np.nan)
+        return {
+            "difference": float(point[0] - point[1]),
+            "interval": [float(lo), float(hi)],
+            "a_better": float(np.mean(diff > 0)) if diff.size else float("nan"),
+            "b_better": float(np.mean(diff < 0)) if diff.size else float("nan"),
+        }
+
+    out: dict[str, Any] = {"by_size": {s: summary(full[s], boots[s]) for s in sizes}, "level": level, "n_boot": n_boot}
+    if sizes:
+        points = np.stack([full[s] for s in sizes])  # (sizes, 2)
+        draws = np.stack([boots[s] for s in sizes])  # (sizes, 2, n_boot)
+        out["worst"] = summary(points.min(axis=0), draws.min(axis=0))
+        out["mean"] = summary(points.mean(axis=0), draws.mean(axis=0))
+    return out
+
+
+def _swap(paired: dict[str, Any]) -> dict[str, Any]:
+    """The same comparison seen from the other model (B - A)."""
+
+    def flip(d: dict[str, Any]) -> dict[str, Any]:
+        lo, hi = d["interval"]
+        flipped = {"difference": -d["difference"], "interval": [-hi, -lo]}
+        return {**flipped, "a_better": d["b_better"], "b_better": d["a_better"]}
+
+    out = {k: v for k, v in paired.items() if k not in ("by_size", "worst", "mean")}
+    out["by_size"] = {s: flip(d) for s, d in paired["by_size"].items()}
+    for key in ("worst", "mean"):
+        if key in paired:
+            out[key] = flip(paired[key])
+    return out
 
 
 def _real_sets() -> list[tuple[Path, dict[str, list[int]]]]:
@@ -616,6 +712,7 @@ def _card_sections(
         "The interval resamples the held-out fields with replacement (1,000 times) and scores each resample with "
         "the competition metric: how far the mAP could move on other fields drawn the same way.",
     ]
+    lines += _paired_lines(ev.get("paired"), names)
     lines += ["", "![mAP by field size](per_size_map.png)", "", "Per class (AP; n/a: class absent at that size):", ""]
     lines.append("| id | class | " + " | ".join(f"{s}²" for s in sizes) + " |")
     lines.append("|---:|---|" + "---:|" * len(sizes))
@@ -651,6 +748,29 @@ def _card_sections(
         if old_real:
             lines += ["", f"{names[1].capitalize()} on the same fields:", "", "```", old_real["table"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def _paired_lines(paired: dict[str, Any] | None, names: tuple[str, str]) -> list[str]:
+    """Card lines for :func:`compare_sizes`'s result (none without one)."""
+    if not paired or not paired.get("by_size"):
+        return []
+    pct = f"{paired.get('level', 0.9):.0%}"
+    lines = [
+        "",
+        f"Against the {names[1]} on the same fields (paired bootstrap: both models scored on the same "
+        f"{paired.get('n_boot', 1000):,} resamples of each size's fields, so how hard the fields are cancels out; "
+        f"a difference whose {pct} interval excludes 0 is one these fields can tell):",
+        "",
+        f"| field | {names[0]} - {names[1]} | {pct} paired interval | {names[0]} higher in |",
+        "|---:|---:|---:|---:|",
+    ]
+    rows = [(f"{s}²", d) for s, d in sorted(paired["by_size"].items(), key=lambda kv: int(kv[0]))]
+    rows += [(label, paired[key]) for key, label in (("worst", "worst size"), ("mean", "mean over sizes"))]
+    for label, d in rows:
+        lo, hi = d["interval"]
+        share = "n/a" if d.get("a_better") is None else f"{d['a_better']:.0%} of resamples"
+        lines.append(f"| {label} | {d['difference']:+.3f} | {lo:+.3f} to {hi:+.3f} | {share} |")
+    return lines
 
 
 def record_evaluation(
@@ -714,6 +834,8 @@ def record_evaluation(
     }
     if old:
         metrics["compared_model_by_size"] = {"model": names[1], **{s: v["map"] for s, v in old["by_size"].items()}}
+    if ev.get("paired"):
+        metrics["compared_model_paired"] = ev["paired"]
     if real:
         metrics["real_validation"] = {k: v for k, v in real.items() if k not in ("table",)}
     training["metrics"] = metrics
@@ -887,9 +1009,24 @@ def _evaluate_and_install(
         replace = True
         ev = old = real = old_real = None
     else:
-        ev = evaluate_sizes(candidate, heldout, args.segmenter, progress)
+        kept_new: dict[str, dict[str, Any]] = {}
+        kept_old: dict[str, dict[str, Any]] = {}
+        ev = evaluate_sizes(candidate, heldout, args.segmenter, progress, keep=kept_new)
         has_old = (out / "manifest.json").is_file() and not args.no_compare
-        old = evaluate_sizes(out, heldout, args.segmenter, progress) if has_old else None
+        old = evaluate_sizes(out, heldout, args.segmenter, progress, keep=kept_old) if has_old else None
+        if old is not None:
+            ev["paired"] = compare_sizes(kept_new, kept_old)
+            old["paired"] = _swap(ev["paired"])
+            report["paired"] = ev["paired"]
+            if progress:
+                w = ev["paired"]["worst"]
+                print(
+                    f"candidate - installed, worst size: {w['difference']:+.3f} (90% paired interval "
+                    f"{w['interval'][0]:+.3f} to {w['interval'][1]:+.3f}; candidate higher in {w['a_better']:.0%})",
+                    flush=True,
+                )
+        kept_new.clear()
+        kept_old.clear()
         real = None if args.no_real else evaluate_real(candidate, args.segmenter)
         old_real = None if (args.no_real or not has_old) else evaluate_real(out, args.segmenter)
         if progress and real:

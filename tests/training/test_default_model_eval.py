@@ -8,8 +8,9 @@ import pytest
 from locus.service.classes import CLASS_NAMES
 from locus.service.config import PipelineSettings
 from locus.service.factory import build_pipeline
+from locus.service.metric import evaluate
 from locus.service.settings import DEFAULT_MODEL_DIR
-from locus.training.default_model import _card_sections, score_folder
+from locus.training.default_model import _card_sections, _swap, compare_sizes, score_folder
 from locus.training.sim.generator import SimConfig, write_dataset
 
 pytestmark = pytest.mark.skipif(
@@ -18,12 +19,18 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def scored_and_kept(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     folder = tmp_path_factory.mktemp("heldout") / "sim"
     # every field gets one more localisation, so both single-label and mixed cells occur
     write_dataset(folder, 3, seed=4711, config=SimConfig(size=512, extra_label_rate=1.0), progress=False)
     pipeline = build_pipeline(PipelineSettings(model_dir=str(DEFAULT_MODEL_DIR), segmenter="classical"))
-    return score_folder(pipeline, folder)
+    kept: dict = {}
+    return score_folder(pipeline, folder, keep=kept), kept
+
+
+@pytest.fixture(scope="module")
+def scored(scored_and_kept: tuple[dict, dict]) -> dict:
+    return scored_and_kept[0]
 
 
 @pytest.mark.slow
@@ -61,3 +68,37 @@ def test_card_gives_each_sizes_interval_over_fields(scored: dict):
     ev = {"by_size": {"512": scored}, "worst_map": scored["map"], "worst_size": 512, "tta": 1}
     (row,) = [line for line in _card_sections(ev, None, None, None).splitlines() if line.startswith("| 512² |")]
     assert f"| {lo:.3f}-{hi:.3f} |" in row
+
+
+@pytest.mark.slow
+def test_paired_comparison_of_two_models_on_the_same_fields(scored_and_kept: tuple[dict, dict]):
+    scored, kept = scored_and_kept
+    truth, a = kept["truth"], kept["predictions"]
+    assert evaluate(truth, a).mAP == pytest.approx(scored["map"])  # what was kept is what was scored
+    # a worse model: the same calls with each field's most confident prediction dropped
+    b = {k: sorted(v, key=lambda p: -p[1])[1:] for k, v in a.items()}
+    d_a, d_b = evaluate(truth, a).mAP, evaluate(truth, b).mAP
+    assert d_a > d_b
+    same = compare_sizes({"512": kept}, {"512": kept}, n_boot=100)
+    assert same["by_size"]["512"]["difference"] == 0.0 and same["worst"]["a_better"] == 0.0
+    # at 1024² both are the same model, so the worst size is B's 512² and the mean halves the difference
+    worse = {"truth": truth, "predictions": b}
+    paired = compare_sizes({"512": kept, "1024": kept}, {"512": worse, "1024": kept}, n_boot=200)
+    at512 = paired["by_size"]["512"]
+    assert at512["difference"] == pytest.approx(d_a - d_b)
+    assert at512["interval"][0] <= at512["difference"] <= at512["interval"][1]
+    assert at512["a_better"] > 0.5 and at512["a_better"] + at512["b_better"] <= 1.0
+    assert paired["by_size"]["1024"]["difference"] == 0.0
+    assert paired["worst"]["difference"] == pytest.approx(d_a - min(d_b, d_a))  # A's worst d_a, B's worst d_b
+    assert paired["mean"]["difference"] == pytest.approx((d_a - d_b) / 2)
+    # the installed model's card sees the same comparison from its side
+    back = _swap(paired)
+    assert back["by_size"]["512"]["difference"] == -at512["difference"]
+    assert back["by_size"]["512"]["a_better"] == at512["b_better"]
+    ev = {"by_size": {"512": scored}, "worst_map": scored["map"], "worst_size": 512, "tta": 1, "paired": paired}
+    text = _card_sections(ev, None, None, None)
+    (row,) = [line for line in text.splitlines() if line.startswith("| 512² | +")]
+    lo, hi = at512["interval"]
+    assert f"| {at512['difference']:+.3f} | {lo:+.3f} to {hi:+.3f} | {at512['a_better']:.0%} of resamples |" in row
+    assert "| worst size |" in text and "| mean over sizes |" in text
+    assert "paired" not in _card_sections({**ev, "paired": None}, None, None, None)
