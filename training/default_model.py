@@ -11,9 +11,10 @@ Steps
 4. Evaluate the candidate, and the model already in ``--out``, on every held-out size through the service's
    own pipeline (competition mAP, IoU 0.6) and on the real validation fields with image labels only
    (:data:`REAL_VALIDATION`, when present; never trained on).
-5. Replace ``--out`` only when the candidate is measured better (worst size and mean over sizes), or with
-   ``--force``; write the per-size table, the plots, the real-field calls and the confusion of the cell calls
-   into the manifest and ``MODEL_CARD.md``.
+5. Replace ``--out`` only when the candidate is measured better (worst size and mean over sizes, and on the
+   real fields no fewer true labels found and no more fields with a wrong majority class), or with ``--force``;
+   write the per-size table, the plots, the real-field calls and the confusion of the cell calls into the
+   manifest and ``MODEL_CARD.md``.
 
 The manifest hashes only the ONNX files, so adding the metrics afterwards keeps the folder valid (checked with
 :func:`locus.service.manifest.load_manifest`).
@@ -560,12 +561,41 @@ def evaluate_real(model_dir: str | Path, segmenter: str = "classical") -> dict[s
     return out
 
 
-def _better(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+def _better(
+    new: dict[str, Any],
+    old: dict[str, Any] | None,
+    real: dict[str, Any] | None = None,
+    old_real: dict[str, Any] | None = None,
+) -> bool:
+    """Whether the candidate replaces the installed model.
+
+    On the held-out HPA-sim fields: a higher worst size and a mean over sizes no more than 0.005 lower. On the
+    real validation fields, when both models were scored there: no fewer true labels found and no more fields
+    with a wrong class on at least 40% of their cells. HPA-sim is where a candidate can be measured precisely,
+    the real fields are what users send: a candidate that gains on the first and loses on the second stays out.
+
+    Parameters
+    ----------
+    new, old : dict
+        :func:`evaluate_sizes` of the candidate and of the installed model (None: nothing installed).
+    real, old_real : dict, optional
+        :func:`evaluate_real` of both (None: not scored, no real-field condition).
+
+    Returns
+    -------
+    bool
+    """
     if old is None or old.get("worst_map") is None:
         return True
     if new.get("worst_map") is None:
         return False
-    return new["worst_map"] > old["worst_map"] and new["mean_map"] >= old["mean_map"] - 0.005
+    sim = new["worst_map"] > old["worst_map"] and new["mean_map"] >= old["mean_map"] - 0.005
+    if not sim or not real or not old_real:
+        return sim
+    return (
+        real["labels_found"] >= old_real["labels_found"]
+        and real["fields_with_wrong_dominant"] <= old_real["fields_with_wrong_dominant"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1031,7 +1061,7 @@ def _evaluate_and_install(
         old_real = None if (args.no_real or not has_old) else evaluate_real(out, args.segmenter)
         if progress and real:
             print(real["table"], flush=True)
-        replace = args.force or _better(ev, old)
+        replace = args.force or _better(ev, old, real, old_real)
         report["new_by_size"] = {s: v["map"] for s, v in ev["by_size"].items()}
         report["previous_by_size"] = None if old is None else {s: v["map"] for s, v in old["by_size"].items()}
         report["new_worst"] = ev["worst_map"]

@@ -10,7 +10,7 @@ from locus.service.config import PipelineSettings
 from locus.service.factory import build_pipeline
 from locus.service.metric import evaluate
 from locus.service.settings import DEFAULT_MODEL_DIR
-from locus.training.default_model import _card_sections, _swap, compare_sizes, score_folder
+from locus.training.default_model import _better, _card_sections, _swap, compare_sizes, score_folder
 from locus.training.sim.generator import SimConfig, write_dataset
 
 pytestmark = pytest.mark.skipif(
@@ -102,3 +102,17 @@ def test_paired_comparison_of_two_models_on_the_same_fields(scored_and_kept: tup
     assert f"| {at512['difference']:+.3f} | {lo:+.3f} to {hi:+.3f} | {at512['a_better']:.0%} of resamples |" in row
     assert "| worst size |" in text and "| mean over sizes |" in text
     assert "paired" not in _card_sections({**ev, "paired": None}, None, None, None)
+
+
+def test_a_candidate_better_on_hpa_sim_but_worse_on_the_real_fields_is_not_installed():
+    sim_old = {"worst_map": 0.825, "mean_map": 0.845}
+    sim_new = {"worst_map": 0.857, "mean_map": 0.885}  # the first 3.7.0 candidate against 3.6.0 (HPA-sim 2.4 sets)
+    real_old = {"labels_found": 9, "fields_with_wrong_dominant": 0}
+    assert _better(sim_new, sim_old) and _better(sim_new, sim_old, real_old, real_old)
+    assert not _better(sim_new, sim_old, {"labels_found": 9, "fields_with_wrong_dominant": 1}, real_old)
+    assert not _better(sim_new, sim_old, {"labels_found": 8, "fields_with_wrong_dominant": 0}, real_old)
+    assert _better(sim_new, sim_old, {"labels_found": 10, "fields_with_wrong_dominant": 0}, real_old)
+    # the real fields never install a candidate that is worse on HPA-sim, and nothing installed means install
+    assert not _better(sim_old, sim_new, {"labels_found": 10, "fields_with_wrong_dominant": 0}, real_old)
+    assert not _better({**sim_new, "mean_map": 0.80}, sim_old)
+    assert _better(sim_new, None) and _better(sim_new, sim_old, None, real_old)
