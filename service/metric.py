@@ -60,6 +60,7 @@ __all__ = [
     "read_truth_folder",
     "map_interval",
     "bootstrap_maps",
+    "paired_maps",
     "MapDifference",
     "map_difference",
     "truth_from_labels",
@@ -448,7 +449,7 @@ def evaluate(
     )
 
 
-def bootstrap_maps(
+def paired_maps(
     truth: Mapping[str, Sequence[GTCell]],
     predictions: Sequence[Mapping[str, Any]],
     iou_threshold: float = IOU_THRESHOLD,
@@ -456,14 +457,14 @@ def bootstrap_maps(
     n_boot: int = 1000,
     seed: int = 0,
     sizes: Mapping[str, tuple[int, int]] | None = None,
-) -> np.ndarray:
-    """Competition mAP of one or more prediction sets on the same bootstrap resamples of the images.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Competition mAP of one or more prediction sets on all the images and on the same bootstrap resamples.
 
     Each resample draws the images with replacement (a field drawn twice counts twice: its predictions,
     matches and GT instances) and is scored as :func:`evaluate` scores (per-class AP over the pooled
     predictions, mean over classes with GT). Every prediction set is scored on the same resamples, so
     the sets' mAPs can be compared resample by resample (a paired bootstrap: how hard the drawn fields
-    are cancels out of the difference). Matching is done once per image and set.
+    are cancels out of the difference). Each set is matched to the truth once.
 
     Parameters
     ----------
@@ -478,13 +479,40 @@ def bootstrap_maps(
 
     Returns
     -------
-    numpy.ndarray
+    full : numpy.ndarray
+        (len(predictions),) mAP on all the images (:func:`evaluate`'s); NaN without images.
+    draws : numpy.ndarray
         (len(predictions), n_boot) resampled mAPs; (len(predictions), 0) without images.
     """
     if not truth:
-        return np.zeros((len(predictions), 0))
+        return np.full(len(predictions), math.nan), np.zeros((len(predictions), 0))
+    ids = list(truth)
     matches = [_match_images(truth, p, iou_threshold, sizes)[:2] for p in predictions]
-    return _resampled_maps(matches, list(truth), n_boot, seed)
+    full = np.array([_mean_defined(_pool(matched, n_gt, ids)[0]) for matched, n_gt in matches])
+    return full, _resampled_maps(matches, ids, n_boot, seed)
+
+
+def bootstrap_maps(
+    truth: Mapping[str, Sequence[GTCell]],
+    predictions: Sequence[Mapping[str, Any]],
+    iou_threshold: float = IOU_THRESHOLD,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    sizes: Mapping[str, tuple[int, int]] | None = None,
+) -> np.ndarray:
+    """The resampled mAPs of :func:`paired_maps`: (len(predictions), n_boot), (len(predictions), 0) without images.
+
+    Parameters
+    ----------
+    truth, predictions, iou_threshold, n_boot, seed, sizes
+        As for :func:`paired_maps`.
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    return paired_maps(truth, predictions, iou_threshold, n_boot=n_boot, seed=seed, sizes=sizes)[1]
 
 
 def _resampled_maps(
@@ -556,8 +584,8 @@ class MapDifference:
         mAP(A) - mAP(B) on all the images.
     interval : tuple of float
         Central ``level`` of the difference over paired resamples (both sets scored on the same draw).
-    a_better : float
-        Share of the resamples in which A's mAP is above B's.
+    a_better, b_better : float
+        Shares of the resamples in which A's mAP is above B's, and below it (the rest are ties).
     level : float
         Coverage of ``interval``.
     n_images : int
@@ -567,8 +595,35 @@ class MapDifference:
     difference: float
     interval: tuple[float, float]
     a_better: float
+    b_better: float
     level: float
     n_images: int
+
+    @classmethod
+    def from_draws(cls, a: float, b: float, draws: np.ndarray, level: float, n_images: int) -> MapDifference:
+        """The comparison from both mAPs on all the images and their paired resamples.
+
+        Parameters
+        ----------
+        a, b : float
+            mAP of A and of B on all the images.
+        draws : numpy.ndarray
+            (2, n_boot): A's and B's mAP on the same resamples (:func:`paired_maps`).
+        level : float
+            Coverage of the interval.
+        n_images : int
+            Images the resamples draw from.
+
+        Returns
+        -------
+        MapDifference
+            NaN interval and shares without resamples.
+        """
+        diff = np.asarray(draws[0]) - np.asarray(draws[1])
+        ahead = behind = math.nan
+        if diff.size:
+            ahead, behind = float(np.mean(diff > 0)), float(np.mean(diff < 0))
+        return cls(float(a - b), _central(diff, level), ahead, behind, level, n_images)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -576,6 +631,7 @@ class MapDifference:
             "difference": self.difference,
             "interval": list(self.interval),
             "a_better": self.a_better,
+            "b_better": self.b_better,
             "level": self.level,
             "n_images": self.n_images,
         }
@@ -604,7 +660,7 @@ def map_difference(
 
     Two models scored on the same fields share those fields' difficulty, so their difference is known
     much more precisely than either mAP alone (:func:`map_interval`). Both sets are scored on every
-    resample of the images (:func:`bootstrap_maps`) and the interval is taken over the differences.
+    resample of the images (:func:`paired_maps`) and the interval is taken over the differences.
 
     Parameters
     ----------
@@ -620,20 +676,9 @@ def map_difference(
     MapDifference
         NaN difference and interval without images.
     """
-    if not truth:
-        return MapDifference(math.nan, (math.nan, math.nan), math.nan, level, 0)
-    ids = list(truth)
-    matches = [_match_images(truth, p, iou_threshold, sizes)[:2] for p in (predictions_a, predictions_b)]
-    a, b = (_mean_defined(_pool(matched, n_gt, ids)[0]) for matched, n_gt in matches)
-    maps = _resampled_maps(matches, ids, n_boot, seed)
-    diff = maps[0] - maps[1]
-    return MapDifference(
-        difference=float(a - b),
-        interval=_central(diff, level),
-        a_better=float(np.mean(diff > 0)),
-        level=level,
-        n_images=len(truth),
-    )
+    pair = [predictions_a, predictions_b]
+    full, draws = paired_maps(truth, pair, iou_threshold, n_boot=n_boot, seed=seed, sizes=sizes)
+    return MapDifference.from_draws(full[0], full[1], draws, level, len(truth))
 
 
 def truth_from_labels(cells: np.ndarray, cell_labels: Mapping[int, Sequence[int]]) -> list[GTCell]:

@@ -417,7 +417,7 @@ def compare_sizes(
     """Paired bootstrap comparison of two models on the same held-out fields, per size and over sizes.
 
     Each size's fields are resampled with replacement and both models are scored on the same draw
-    (:func:`locus.service.metric.bootstrap_maps`), so how hard the drawn fields are cancels out of the
+    (:func:`locus.service.metric.paired_maps`), so how hard the drawn fields are cancels out of the
     difference. The worst size and the mean over sizes are compared on the same draws: for each
     resample, model A's worst (or mean) mAP over the sizes against model B's.
 
@@ -437,36 +437,30 @@ def compare_sizes(
     -------
     dict
         ``{"by_size": {size: d}, "worst": d, "mean": d, "level", "n_boot"}``, each ``d`` as
-        ``{"difference": mAP(A) - mAP(B), "interval": [lo, hi], "a_better", "b_better"}`` (the shares of the
-        resamples with A above B and with B above A; the rest are ties).
+        :meth:`locus.service.metric.MapDifference.to_dict` (``"difference"``: mAP(A) - mAP(B), ``"interval"``,
+        ``"a_better"`` and ``"b_better"``: the shares of the resamples with A above B and with B above A).
     """
-    from locus.service.metric import bootstrap_maps, evaluate
+    from locus.service.metric import MapDifference, paired_maps
 
     sizes = sorted((s for s in kept_a if s in kept_b), key=int)
-    full, boots = {}, {}
+    full, boots, n_fields = {}, {}, {}
     for s in sizes:
         truth = kept_a[s]["truth"]
-        preds = (kept_a[s]["predictions"], kept_b[s]["predictions"])
-        full[s] = np.array([evaluate(truth, p).mAP for p in preds])
-        boots[s] = bootstrap_maps(truth, list(preds), n_boot=n_boot, seed=seed)
-    tail = (1.0 - level) / 2.0 * 100.0
+        preds = [kept_a[s]["predictions"], kept_b[s]["predictions"]]
+        full[s], boots[s] = paired_maps(truth, preds, n_boot=n_boot, seed=seed)
+        n_fields[s] = len(truth)
 
-    def summary(point: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
-        diff = draws[0] - draws[1]
-        lo, hi = np.nanpercentile(diff, [tail, 100.0 - tail]) if diff.size else (np.nan, np.nan)
-        return {
-            "difference": float(point[0] - point[1]),
-            "interval": [float(lo), float(hi)],
-            "a_better": float(np.mean(diff > 0)) if diff.size else float("nan"),
-            "b_better": float(np.mean(diff < 0)) if diff.size else float("nan"),
-        }
+    def summary(point: np.ndarray, draws: np.ndarray, n: int) -> dict[str, Any]:
+        return MapDifference.from_draws(point[0], point[1], draws, level, n).to_dict()
 
-    out: dict[str, Any] = {"by_size": {s: summary(full[s], boots[s]) for s in sizes}, "level": level, "n_boot": n_boot}
+    by_size = {s: summary(full[s], boots[s], n_fields[s]) for s in sizes}
+    out: dict[str, Any] = {"by_size": by_size, "level": level, "n_boot": n_boot}
     if sizes:
         points = np.stack([full[s] for s in sizes])  # (sizes, 2)
         draws = np.stack([boots[s] for s in sizes])  # (sizes, 2, n_boot)
-        out["worst"] = summary(points.min(axis=0), draws.min(axis=0))
-        out["mean"] = summary(points.mean(axis=0), draws.mean(axis=0))
+        total = sum(n_fields.values())
+        out["worst"] = summary(points.min(axis=0), draws.min(axis=0), total)
+        out["mean"] = summary(points.mean(axis=0), draws.mean(axis=0), total)
     return out
 
 
@@ -476,7 +470,7 @@ def _swap(paired: dict[str, Any]) -> dict[str, Any]:
     def flip(d: dict[str, Any]) -> dict[str, Any]:
         lo, hi = d["interval"]
         flipped = {"difference": -d["difference"], "interval": [-hi, -lo]}
-        return {**flipped, "a_better": d["b_better"], "b_better": d["a_better"]}
+        return {**d, **flipped, "a_better": d["b_better"], "b_better": d["a_better"]}
 
     out = {k: v for k, v in paired.items() if k not in ("by_size", "worst", "mean")}
     out["by_size"] = {s: flip(d) for s, d in paired["by_size"].items()}
