@@ -59,7 +59,6 @@ __all__ = [
     "evaluate_folder",
     "read_truth_folder",
     "map_interval",
-    "bootstrap_maps",
     "paired_maps",
     "MapDifference",
     "map_difference",
@@ -492,29 +491,6 @@ def paired_maps(
     return full, _resampled_maps(matches, ids, n_boot, seed)
 
 
-def bootstrap_maps(
-    truth: Mapping[str, Sequence[GTCell]],
-    predictions: Sequence[Mapping[str, Any]],
-    iou_threshold: float = IOU_THRESHOLD,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    sizes: Mapping[str, tuple[int, int]] | None = None,
-) -> np.ndarray:
-    """The resampled mAPs of :func:`paired_maps`: (len(predictions), n_boot), (len(predictions), 0) without images.
-
-    Parameters
-    ----------
-    truth, predictions, iou_threshold, n_boot, seed, sizes
-        As for :func:`paired_maps`.
-
-    Returns
-    -------
-    numpy.ndarray
-    """
-    return paired_maps(truth, predictions, iou_threshold, n_boot=n_boot, seed=seed, sizes=sizes)[1]
-
-
 def _resampled_maps(
     matches: Sequence[tuple[Mapping[str, Mapping[int, tuple[np.ndarray, np.ndarray]]], Mapping[str, np.ndarray]]],
     ids: Sequence[str],
@@ -552,7 +528,7 @@ def map_interval(
     """Bootstrap interval of the competition mAP over images.
 
     The images are resampled with replacement and each resample is scored with the competition
-    metric (:func:`bootstrap_maps`); the central ``level`` of the resampled mAPs is returned. It says
+    metric (:func:`paired_maps`); the central ``level`` of the resampled mAPs is returned. It says
     how much a mAP measured on these fields could move on other fields drawn the same way.
 
     Parameters
@@ -571,7 +547,8 @@ def map_interval(
     (float, float)
         Lower and upper ends; (nan, nan) without images.
     """
-    return _central(bootstrap_maps(truth, [predictions], iou_threshold, n_boot=n_boot, seed=seed)[0], level)
+    draws = paired_maps(truth, [predictions], iou_threshold, n_boot=n_boot, seed=seed)[1]
+    return _central(draws[0], level)
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ import pytest
 from locus.service.encoding import encode_binary_mask, encode_mask_coco
 from locus.service.metric import (
     average_precision,
-    bootstrap_maps,
     evaluate,
     map_difference,
     map_interval,
     match_image,
+    paired_maps,
     segmentation_scores,
     truth_from_labels,
 )
@@ -338,7 +338,7 @@ def test_map_difference_pairs_the_two_models_on_the_same_resamples():
     rng = np.random.default_rng(5)
     ids = list(truth)
     pick = [ids[i] for i in rng.integers(0, len(ids), len(ids))]
-    rows = bootstrap_maps(truth, [a, b], n_boot=1, seed=5)
+    rows = paired_maps(truth, [a, b], n_boot=1, seed=5)[1]
     for row, preds in zip(rows, (a, b), strict=True):
         by_hand = evaluate(
             {f"{i}#{n}": truth[i] for n, i in enumerate(pick)}, {f"{i}#{n}": preds[i] for n, i in enumerate(pick)}
