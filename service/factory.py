@@ -43,6 +43,7 @@ def build_classifier(settings: PipelineSettings, model_dir: str | Path | None = 
         intra_op_threads=settings.resolved_threads(),
         max_batch=settings.max_batch,
         require_gpu=settings.require_gpu,
+        fixed_batch=settings.fixed_batch,
     )
 
 

@@ -83,3 +83,39 @@ def test_a_bad_input_in_a_shared_batch_fails_only_its_own_request():
             results.append(str(exc))
     batcher.close()
     assert results == [(3, 19), (3, 19), "NaN input", (3, 19), (3, 19)]
+
+
+def test_fixed_batch_sends_one_input_shape_and_keeps_every_score(test_model_dir, monkeypatch):
+    """With ``fixed_batch`` every model call has ``max_batch`` rows (a GPU plans its convolutions once), the
+    padding rows never reach the caller, and each cell's scores are those of the unpadded calls."""
+    plain = Classifier(test_model_dir, ["CPUExecutionProvider"], max_batch=8)
+    fixed = Classifier(test_model_dir, ["CPUExecutionProvider"], max_batch=8, fixed_batch=True)
+    assert plain.fixed_batch is False  # no GPU here: the default pads only on a GPU provider
+    shapes: list[tuple[int, ...]] = []
+    run = fixed.session.run
+
+    def recording_run(names, feeds):
+        shapes.append(next(iter(feeds.values())).shape)
+        return run(names, feeds)
+
+    monkeypatch.setattr(fixed.session, "run", recording_run)
+    size = plain.input_size
+    rng = np.random.default_rng(3)
+    for n in (1, 5, 8, 13, 0):
+        cells = rng.uniform(0, 255, (n, size, size, 4)).astype(np.float32)
+        got, want = fixed.predict(cells), plain.predict(cells)
+        assert got.shape == want.shape == (n, 19)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert shapes and {s[0] for s in shapes} == {8}, shapes
+
+
+def test_fixed_batch_setting_reaches_the_classifier(test_model_dir, monkeypatch):
+    """``LOCUS_FIXED_BATCH`` turns padding on for a CPU service too; unset it follows the provider."""
+    from locus.service.config import PipelineSettings
+    from locus.service.factory import build_classifier
+
+    assert build_classifier(PipelineSettings(providers=["CPUExecutionProvider"]), test_model_dir).fixed_batch is False
+    monkeypatch.setenv("LOCUS_FIXED_BATCH", "true")
+    settings = PipelineSettings(providers=["CPUExecutionProvider"], max_batch=4)
+    assert settings.fixed_batch is True
+    assert build_classifier(settings, test_model_dir).fixed_batch is True
