@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -185,7 +185,12 @@ class PipelineSettings(BaseSettings):
     fixed_batch: bool | None = Field(
         None,
         description="Pad every model call to max_batch cells (one input shape, planned once at load); unset = on a "
-        "GPU only, where each new batch shape costs a cuDNN algorithm search of 0.3-2.4 s",
+        "GPU only, where each new batch shape costs a cuDNN algorithm search of 0.5-2.7 s",
+    )
+    cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
+        "HEURISTIC",
+        description="cuDNN convolution algorithm search on CUDA: HEURISTIC plans a batch shape in about 0.5 s, "
+        "EXHAUSTIVE (ONNX Runtime's default) in 1-3 s for the same speed afterwards, DEFAULT fast but runs slowly",
     )
     max_wait_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="How long the batcher waits for cells of other requests to join a batch"

@@ -44,6 +44,7 @@ def build_classifier(settings: PipelineSettings, model_dir: str | Path | None = 
         max_batch=settings.max_batch,
         require_gpu=settings.require_gpu,
         fixed_batch=settings.fixed_batch,
+        conv_algo_search=settings.cudnn_conv_algo_search,
     )
 
 

@@ -110,7 +110,8 @@ def test_fixed_batch_sends_one_input_shape_and_keeps_every_score(test_model_dir,
 
 
 def test_fixed_batch_setting_reaches_the_classifier(test_model_dir, monkeypatch):
-    """``LOCUS_FIXED_BATCH`` turns padding on for a CPU service too; unset it follows the provider."""
+    """``LOCUS_FIXED_BATCH`` turns padding on for a CPU service too (unset it follows the provider), and
+    ``LOCUS_CUDNN_CONV_ALGO_SEARCH`` reaches the CUDA provider's options (a value cuDNN lacks is refused)."""
     from locus.service.config import PipelineSettings
     from locus.service.factory import build_classifier
 
@@ -118,4 +119,12 @@ def test_fixed_batch_setting_reaches_the_classifier(test_model_dir, monkeypatch)
     monkeypatch.setenv("LOCUS_FIXED_BATCH", "true")
     settings = PipelineSettings(providers=["CPUExecutionProvider"], max_batch=4)
     assert settings.fixed_batch is True
-    assert build_classifier(settings, test_model_dir).fixed_batch is True
+    clf = build_classifier(settings, test_model_dir)
+    assert clf.fixed_batch is True
+    assert clf.provider_options == {"CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}}
+    monkeypatch.setenv("LOCUS_CUDNN_CONV_ALGO_SEARCH", "EXHAUSTIVE")
+    clf = build_classifier(PipelineSettings(providers=["CPUExecutionProvider"]), test_model_dir)
+    assert clf.provider_options["CUDAExecutionProvider"]["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    monkeypatch.setenv("LOCUS_CUDNN_CONV_ALGO_SEARCH", "FASTEST")
+    with pytest.raises(ValueError, match="cudnn_conv_algo_search"):
+        PipelineSettings()
