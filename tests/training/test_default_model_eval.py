@@ -116,3 +116,34 @@ def test_a_candidate_better_on_hpa_sim_but_worse_on_the_real_fields_is_not_insta
     assert not _better(sim_old, sim_new, {"labels_found": 10, "fields_with_wrong_dominant": 0}, real_old)
     assert not _better({**sim_new, "mean_map": 0.80}, sim_old)
     assert _better(sim_new, None) and _better(sim_new, sim_old, None, real_old)
+
+
+def test_a_candidate_that_loses_on_the_real_fields_with_8_views_is_not_installed():
+    """This stop's HPA-sim 2.5 candidate against 3.6.0: better with one view (10 true labels of 10 against 9), worse
+    with 8 views, a GPU host's default (8 and 1 field with a wrong class, against 9 and none)."""
+    sim_old = {"worst_map": 0.825, "mean_map": 0.851}
+    sim_new = {"worst_map": 0.862, "mean_map": 0.883}
+    eight_old = {"labels_found": 9, "fields_with_wrong_dominant": 0}
+    old = {"labels_found": 9, "fields_with_wrong_dominant": 0, "views_8": eight_old}
+    new = {"labels_found": 10, "fields_with_wrong_dominant": 0}
+    assert _better(sim_new, sim_old, new, old)  # no 8-view result on one side: the one-view condition alone
+    assert not _better(sim_new, sim_old, {**new, "views_8": {"labels_found": 8, "fields_with_wrong_dominant": 1}}, old)
+    assert not _better(sim_new, sim_old, {**new, "views_8": {"labels_found": 9, "fields_with_wrong_dominant": 1}}, old)
+    assert _better(sim_new, sim_old, {**new, "views_8": {"labels_found": 9, "fields_with_wrong_dominant": 0}}, old)
+
+
+def test_real_fields_are_scored_with_the_views_asked():
+    """``evaluate_real`` reads the real fields with the views asked and that many views' thresholds; the install
+    check carries the 8-view summary beside the one-view result."""
+    from locus.training.default_model import _real_at_1_and_8, _real_sets, evaluate_real
+
+    if not _real_sets():
+        pytest.skip("the real validation fields (../shared/hpa-real, ../shared/hpa-samples) are absent in this clone")
+    one = evaluate_real(DEFAULT_MODEL_DIR, views=1)
+    eight = evaluate_real(DEFAULT_MODEL_DIR, views=8)
+    assert one["labels_total"] == eight["labels_total"] == 10
+    assert one["cells"] != eight["cells"] or one["ap"] != eight["ap"]  # 8 views change some cell's calls or scores
+    both = _real_at_1_and_8(DEFAULT_MODEL_DIR, "classical")
+    assert both["labels_found"] == one["labels_found"]
+    assert both["views_8"]["labels_found"] == eight["labels_found"]
+    assert both["views_8"]["fields_with_wrong_dominant"] == eight["fields_with_wrong_dominant"]

@@ -61,11 +61,12 @@ REF_CELL_DIAMETER_PX = 335.0
 _MAX_SEED_CELLS = 3000
 _SCALE_SALT = 0x5343414C45  # "SCALE": the per-field cell-diameter draw's own stream
 
-SIM_VERSION = "2.4"
+SIM_VERSION = "2.5"
 #: Relative level of cytosol in a field that also shows a cytoplasmic structure (every other class draws its level
 #: from 0.55-1.0, :func:`relative_level`). Before HPA-sim 2.4 cytosol drew 0.55-1.0 too, and a cytosolic pool at
-#: full level hid the microtubules, centrosomes and ER of the same cells.
-DIFFUSE_UNDER_STRUCTURE = (0.3, 0.55)
+#: full level hid the microtubules, centrosomes and ER of the same cells; HPA-sim 2.4 drew 0.3-0.55, so every
+#: such pool was faint. Real pools span both: 2.5 draws 0.3-0.8, up to where the structure still stands out.
+DIFFUSE_UNDER_STRUCTURE = (0.3, 0.8)
 _CYTOSOL = 16
 #: Share of fields whose cells all carry a faint, unannotated background stain
 #: (:func:`locus.training.sim.patterns.background_stain`).
