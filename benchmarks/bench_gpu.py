@@ -181,9 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     if manifest.grad is not None:
         gpath = args.model / manifest.grad.file
         providers = [["CPUExecutionProvider"]] + ([["CUDAExecutionProvider", "CPUExecutionProvider"]] if gpu else [])
-        print("\nintegrated gradients: one call of grad.onnx evaluates a batch of gradients")
+        print("\nintegrated gradients: one call of grad.onnx evaluates a batch of gradients (HEURISTIC search)")
         for prov in providers:
-            sess, report = create_session(gpath, prov)
+            sess, report = create_session(
+                gpath, prov, provider_options={"CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}}
+            )
             feeds = {}
             for inp in sess.get_inputs():
                 shape = [d if isinstance(d, int) else manifest.grad.batch for d in inp.shape]
