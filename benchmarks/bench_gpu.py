@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,13 +42,10 @@ SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    """Median ms of ``repeats`` calls after one warm-up (:func:`bench_inference._time`)."""
+    from bench_inference import _time
+
+    return 1000 * _time(fn, repeats)
 
 
 def _once_ms(fn) -> float:
