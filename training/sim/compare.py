@@ -6,9 +6,14 @@ classifier sees it), real left and sim right (the biggest whole cell; the mitoti
 field). Colours as on the HPA website: red microtubules, green protein, blue nucleus, yellow ER (red +
 green).
 
+``--stats`` prints, for the same fields, how bright each cell's protein (green) and ER marker (yellow) are over
+its nucleus against its cytoplasm (:func:`nucleus_to_cytoplasm`): the measurement behind HPA-sim 2.6's
+unannotated nuclear pool.
+
 Usage::
 
     python -m locus.training.sim.compare --out docs/sim_vs_real.png
+    python -m locus.training.sim.compare --stats
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 
 from locus.service.classes import CLASS_NAMES
 
-__all__ = ["composite", "sim_vs_real"]
+__all__ = ["composite", "nucleus_to_cytoplasm", "sim_vs_real", "stats_table"]
 
 #: (folder, field id, labels) of the real validation fields, in display order.
 _REAL = (
@@ -54,6 +59,102 @@ def composite(image: np.ndarray) -> np.ndarray:
     r, g, b, y = (x[..., k] for k in range(4))
     bgr = np.stack([b, g + 0.5 * y, r + 0.5 * y], axis=-1)
     return np.clip(bgr, 0, 255).astype(np.uint8)
+
+
+def nucleus_to_cytoplasm(
+    channel: np.ndarray, cells: np.ndarray, nuclei: np.ndarray, min_pixels: int = 50
+) -> dict[int, float]:
+    """Per cell: the channel's mean over its nucleus over its mean over the rest of the cell, above background.
+
+    Background is the 10th percentile of the channel outside every cell (0 when no pixel is outside): a low
+    percentile, as in a dense field the segmenter leaves cell edges outside. A cytoplasmic stain that stops at
+    the nucleus gives about 0, one that continues over it at its own level about 1, a nuclear stain well above 1.
+
+    Parameters
+    ----------
+    channel : numpy.ndarray
+        (H, W) one channel of a field.
+    cells, nuclei : numpy.ndarray
+        (H, W) label images, nucleus ``k`` inside cell ``k``.
+    min_pixels : int
+        Cells whose nucleus or cytoplasm has fewer pixels are left out.
+
+    Returns
+    -------
+    dict of int to float
+        Cell id to ratio (each mean minus background, floored at 1e-3 before dividing).
+    """
+    x = channel.astype(np.float64)
+    outside = cells == 0
+    bg = float(np.percentile(x[outside], 10)) if outside.any() else 0.0
+    out: dict[int, float] = {}
+    for k in np.unique(cells):
+        if k == 0:
+            continue
+        cell = cells == k
+        nuc = cell & (nuclei == k)
+        cyt = cell & ~nuc
+        if nuc.sum() < min_pixels or cyt.sum() < min_pixels:
+            continue
+        out[int(k)] = max(float(x[nuc].mean()) - bg, 1e-3) / max(float(x[cyt].mean()) - bg, 1e-3)
+    return out
+
+
+def _ratio_line(name: str, green: dict[int, float], yellow: dict[int, float]) -> str:
+    def part(v: dict[int, float]) -> str:
+        a = np.array(list(v.values()))
+        if not len(a):
+            return "-"
+        return f"{np.median(a):.2f} ({a.min():.2f}-{a.max():.2f})"
+
+    return f"{name:<44} {len(green):>5}  {part(green):<20} {part(yellow)}"
+
+
+def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
+    """Nucleus-to-cytoplasm ratios of the real fields (their own segmentation) and of HPA-sim (truth masks).
+
+    HPA-sim rows pool the cells that carry exactly the real field's first label, over the first ``sim_fields``
+    fields at 2048² whose primary localisation it is.
+
+    Parameters
+    ----------
+    seed : int
+        HPA-sim seed (not a training seed).
+    sim_fields : int
+        HPA-sim fields per row.
+
+    Returns
+    -------
+    str
+        A text table: cells, then median (range) for green and for yellow.
+    """
+    from locus.service.config import PipelineSettings
+    from locus.service.factory import build_segmenter
+    from locus.service.readers import find_fields, load_field
+    from locus.training.sim.generator import SimConfig, generate_field
+
+    seg = build_segmenter(PipelineSettings(), "classical")[0]
+    lines = [f"{'field':<44} {'cells':>5}  {'green: median (range)':<20} yellow"]
+    for folder, fid, labels in _REAL:
+        refs = [r for r in find_fields(folder, on_missing="warn") if r.id == fid] if Path(folder).is_dir() else []
+        if refs:
+            img = load_field(refs[0])
+            cells, nuclei = seg.segment(img)
+            g, y = (nucleus_to_cytoplasm(img[..., c], cells, nuclei) for c in (1, 3))
+            lines.append(_ratio_line(f"REAL {fid[:8]} {_short(labels)[:30]}", g, y))
+        green: dict[int, float] = {}
+        yellow: dict[int, float] = {}
+        start = 0
+        for j in range(sim_fields):
+            idx = _sim_index(seed, labels[0], start)
+            start = idx + 1
+            f = generate_field(idx, seed, SimConfig(size=2048))
+            keep = {k for k, v in f.cell_labels.items() if v == [labels[0]]}
+            for src, dst in ((1, green), (3, yellow)):
+                r = nucleus_to_cytoplasm(f.image[..., src], f.cells, f.nuclei)
+                dst.update({j * 100_000 + k: v for k, v in r.items() if k in keep})
+        lines.append(_ratio_line(f"HPA-sim {CLASS_NAMES[labels[0]][:30]} only", green, yellow))
+    return "\n".join(lines)
 
 
 def _label(tile: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -161,7 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/sim_vs_real.png")
     parser.add_argument("--seed", type=int, default=4242)
+    parser.add_argument(
+        "--stats", action="store_true", help="print nucleus-to-cytoplasm ratios instead of drawing the picture"
+    )
+    parser.add_argument("--sim-fields", type=int, default=3, help="HPA-sim fields per row of --stats")
     args = parser.parse_args(argv)
+    if args.stats:
+        print(stats_table(args.seed, args.sim_fields))
+        return 0
     print(sim_vs_real(args.out, args.seed))
     return 0
 
