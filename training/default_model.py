@@ -827,7 +827,6 @@ def record_evaluation(
     real: dict[str, Any] | None,
     old_real: dict[str, Any] | None,
     pixel_size: float | None,
-    work: Path,
     names: tuple[str, str] = ("new model", "previous model"),
 ):
     """Write the evaluation into a model folder's manifest, card and plots.
@@ -842,8 +841,6 @@ def record_evaluation(
         :func:`evaluate_real` of both.
     pixel_size : float or None
         The pixel size (um) the model was trained at (centre of the mix), recorded in the manifest.
-    work : Path
-        Where the full JSON goes.
     names : tuple of str
         How the card and plot name this model and the other one.
 
@@ -900,10 +897,6 @@ def record_evaluation(
     if notes.is_file():
         extra += "\n" + notes.read_text(encoding="utf-8")
     card.write_text(card.read_text(encoding="utf-8") + extra, encoding="utf-8")
-    (work / "evaluation.json").write_text(
-        json.dumps({"new": ev, "previous": old, "real": real, "previous_real": old_real}, indent=2) + "\n",
-        encoding="utf-8",
-    )
     return load_manifest(model_dir)
 
 
@@ -1085,6 +1078,22 @@ def _evaluate_and_install(
         report["previous_worst"] = None if old is None else old["worst_map"]
         report["seconds_eval"] = round(time.time() - t_export, 1)
     report["replaced"] = bool(replace)
+    if ev is not None:
+        # The full measurements, named by role (the card of each model names them from its own side).
+        (work / "evaluation.json").write_text(
+            json.dumps(
+                {
+                    "replaced": bool(replace),
+                    "candidate": ev,
+                    "installed": old,
+                    "candidate_real": real,
+                    "installed_real": old_real,
+                },
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
     if replace:
         notes = out / "CARD_NOTES.md"
         saved_notes = notes.read_text(encoding="utf-8") if notes.is_file() else None
@@ -1094,14 +1103,12 @@ def _evaluate_and_install(
         if saved_notes is not None:
             notes.write_text(saved_notes, encoding="utf-8")
         if ev is not None:
-            record_evaluation(out, ev, old, real, old_real, pixel_size, work)
+            record_evaluation(out, ev, old, real, old_real, pixel_size)
     elif ev is not None:
-        record_evaluation(candidate, ev, old, real, old_real, pixel_size, work)
+        record_evaluation(candidate, ev, old, real, old_real, pixel_size)
         if old is not None:
             # the installed model keeps its weights; its card and manifest get the same measurements
-            record_evaluation(
-                out, old, ev, old_real, real, None, work, names=("installed model", "retrained candidate")
-            )
+            record_evaluation(out, old, ev, old_real, real, None, names=("installed model", "retrained candidate"))
         if progress:
             print(f"kept {out}: the candidate (in {candidate}) is not measured better", flush=True)
     if replace:
