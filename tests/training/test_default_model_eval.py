@@ -147,3 +147,30 @@ def test_real_fields_are_scored_with_the_views_asked():
     assert both["labels_found"] == one["labels_found"]
     assert both["views_8"]["labels_found"] == eight["labels_found"]
     assert both["views_8"]["fields_with_wrong_dominant"] == eight["fields_with_wrong_dominant"]
+
+
+@pytest.mark.slow
+def test_a_kept_candidate_leaves_evaluation_json_named_by_role(tmp_path, test_model_dir):
+    """A worse candidate stays out, and ``evaluation.json`` says which numbers are whose."""
+    import json
+    import shutil
+
+    from locus.cli import main
+    from locus.service.manifest import load_manifest
+
+    work, out = tmp_path / "work", tmp_path / "installed"
+    shutil.copytree(test_model_dir, work / "candidate")  # a 32-px linear model: far below the shipped one
+    shutil.copytree(DEFAULT_MODEL_DIR, out)
+    rc = main(
+        ["default-model", "--eval-only", "--work", str(work), "--out", str(out), "--sizes", "512"]
+        + ["--heldout-scale", "0.125", "--no-real", "--quiet"]
+    )
+    assert rc == 0
+    saved = json.loads((work / "evaluation.json").read_text())
+    assert saved["replaced"] is False
+    assert saved["candidate"]["worst_map"] < saved["installed"]["worst_map"]
+    # Each model's manifest records its own numbers, as evaluation.json names them.
+    cand = load_manifest(work / "candidate").training["metrics"]["heldout_worst_map"]
+    kept = load_manifest(out).training["metrics"]["heldout_worst_map"]
+    assert cand == pytest.approx(saved["candidate"]["worst_map"])
+    assert kept == pytest.approx(saved["installed"]["worst_map"])
