@@ -142,6 +142,8 @@ def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
             cells, nuclei = seg.segment(img)
             g, y = (nucleus_to_cytoplasm(img[..., c], cells, nuclei) for c in (1, 3))
             lines.append(_ratio_line(f"REAL {fid[:8]} {_short(labels)[:30]}", g, y))
+        else:
+            lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
         green: dict[int, float] = {}
         yellow: dict[int, float] = {}
         start = 0
