@@ -100,9 +100,19 @@ def nucleus_to_cytoplasm(
     return out
 
 
-def _ratio_line(name: str, green: dict[int, float], yellow: dict[int, float]) -> str:
-    def part(v: dict[int, float]) -> str:
-        a = np.array(list(v.values()))
+def _real_field(folder: str, field_id: str) -> np.ndarray | None:
+    """One real validation field, or None when its folder (``../shared``) or the field is absent."""
+    from locus.service.readers import find_fields, load_field
+
+    if not Path(folder).is_dir():
+        return None
+    refs = [r for r in find_fields(folder, on_missing="warn") if r.id == field_id]
+    return load_field(refs[0]) if refs else None
+
+
+def _ratio_line(name: str, green: list[float], yellow: list[float]) -> str:
+    def part(v: list[float]) -> str:
+        a = np.array(v)
         if not len(a):
             return "-"
         return f"{np.median(a):.2f} ({a.min():.2f}-{a.max():.2f})"
@@ -130,31 +140,29 @@ def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
     """
     from locus.service.config import PipelineSettings
     from locus.service.factory import build_segmenter
-    from locus.service.readers import find_fields, load_field
     from locus.training.sim.generator import SimConfig, generate_field
 
     seg = build_segmenter(PipelineSettings(), "classical")[0]
     lines = [f"{'field':<44} {'cells':>5}  {'green: median (range)':<20} yellow"]
     for folder, fid, labels in _REAL:
-        refs = [r for r in find_fields(folder, on_missing="warn") if r.id == fid] if Path(folder).is_dir() else []
-        if refs:
-            img = load_field(refs[0])
+        img = _real_field(folder, fid)
+        if img is not None:
             cells, nuclei = seg.segment(img)
-            g, y = (nucleus_to_cytoplasm(img[..., c], cells, nuclei) for c in (1, 3))
+            g, y = (list(nucleus_to_cytoplasm(img[..., c], cells, nuclei).values()) for c in (1, 3))
             lines.append(_ratio_line(f"REAL {fid[:8]} {_short(labels)[:30]}", g, y))
         else:
             lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
-        green: dict[int, float] = {}
-        yellow: dict[int, float] = {}
+        green: list[float] = []
+        yellow: list[float] = []
         start = 0
-        for j in range(sim_fields):
+        for _ in range(sim_fields):
             idx = _sim_index(seed, labels[0], start)
             start = idx + 1
             f = generate_field(idx, seed, SimConfig(size=2048))
             keep = {k for k, v in f.cell_labels.items() if v == [labels[0]]}
             for src, dst in ((1, green), (3, yellow)):
                 r = nucleus_to_cytoplasm(f.image[..., src], f.cells, f.nuclei)
-                dst.update({j * 100_000 + k: v for k, v in r.items() if k in keep})
+                dst.extend(v for k, v in r.items() if k in keep)
         lines.append(_ratio_line(f"HPA-sim {CLASS_NAMES[labels[0]][:30]} only", green, yellow))
     return "\n".join(lines)
 
@@ -223,16 +231,14 @@ def sim_vs_real(out: str | Path, seed: int = 4242) -> Path:
     """
     from locus.service.config import PipelineSettings
     from locus.service.factory import build_segmenter
-    from locus.service.readers import find_fields, load_field
     from locus.training.sim.generator import SimConfig, generate_field
 
     seg = build_segmenter(PipelineSettings(), "classical")[0]
     top, mid, bottom = [], [], []
     half = _TILE // 2
     for folder, fid, labels in _REAL:
-        refs = [r for r in find_fields(folder, on_missing="warn") if r.id == fid] if Path(folder).is_dir() else []
-        if refs:
-            img = load_field(refs[0])
+        img = _real_field(folder, fid)
+        if img is not None:
             cells, _ = seg.segment(img)
             rtile = cv2.resize(composite(img), (_TILE, _TILE), interpolation=cv2.INTER_AREA)
             # The mitotic-spindle field shows its mitotic cell; the others their biggest whole cell.
