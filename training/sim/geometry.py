@@ -20,11 +20,27 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["FieldGeometry", "make_geometry", "smooth_noise"]
+__all__ = [
+    "METAPHASE_SHORT",
+    "MITOTIC_CHROMATIN_LONG",
+    "PROMETAPHASE_SHORT",
+    "FieldGeometry",
+    "make_geometry",
+    "smooth_noise",
+]
 
 #: Reference (2048² field) mean cell radius in pixels: cells 250-400 px across.
 REF_CELL_RADIUS = 160.0
 _TABLE = 1024
+#: Semi-axes of a mitotic cell's chromatin relative to the rounded cell's radius (HPA-sim 2.7): the long one (the
+#: metaphase plate's half-length, or the prometaphase cloud's), the short one of a metaphase plate and of a
+#: prometaphase cloud. Chromosomes condense but do not shrink: the plate spans about the interphase nucleus' length,
+#: over half the rounded cell. Measured with ``python -m locus.training.sim.compare --mitosis``: the real mitotic cell
+#: of b6a469d8 holds chromatin over about 0.6 of the cell's diameter; HPA-sim before 2.7 (0.33-0.42 and 0.08-0.13 or
+#: 0.22-0.3) drew plates over 0.3-0.5 and prometaphase clouds a fifth of the real one's area.
+MITOTIC_CHROMATIN_LONG = (0.5, 0.68)
+METAPHASE_SHORT = (0.12, 0.2)
+PROMETAPHASE_SHORT = (0.36, 0.5)
 
 
 def smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -271,8 +287,9 @@ def make_geometry(
     # Mitotic: a metaphase plate (thin, long), spindle perpendicular to it; or, in prometaphase, a rounder
     # cloud of condensed chromosomes that the spindle fans into.
     prometa = mitotic & (rng.random(m) < 0.4)
-    a_nuc = np.where(mitotic, rad * rng.uniform(0.33, 0.42, m), a_nuc)
-    b_nuc = np.where(mitotic, rad * np.where(prometa, rng.uniform(0.22, 0.3, m), rng.uniform(0.08, 0.13, m)), b_nuc)
+    a_nuc = np.where(mitotic, rad * rng.uniform(*MITOTIC_CHROMATIN_LONG, m), a_nuc)
+    b_short = np.where(prometa, rng.uniform(*PROMETAPHASE_SHORT, m), rng.uniform(*METAPHASE_SHORT, m))
+    b_nuc = np.where(mitotic, rad * b_short, b_nuc)
     nuc_c = np.where(mitotic[:, None], pts, nuc_c)
     spindle = th_nuc + np.pi / 2
     # Cells that overlap their neighbours (one lies over the other; both stains add up there).
