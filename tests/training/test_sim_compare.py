@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from locus.training.sim.compare import main, nucleus_to_cytoplasm
+from locus.training.sim.compare import chromatin_extent, main, nucleus_to_cytoplasm
 
 
 def _two_cells() -> tuple[np.ndarray, np.ndarray]:
@@ -44,3 +44,22 @@ def test_stats_prints_a_row_per_field(capsys: pytest.CaptureFixture[str]):
     out = capsys.readouterr().out.splitlines()
     sim_rows = [line for line in out if line.startswith("HPA-sim ")]
     assert len(sim_rows) == 5 and sim_rows[0].startswith("HPA-sim Endoplasmic reticulum only")
+
+
+def test_chromatin_extent_of_a_hand_drawn_ellipse_in_a_disc():
+    yy, xx = np.mgrid[0:201, 0:201]
+    cell = (xx - 100) ** 2 + (yy - 100) ** 2 <= 80**2  # diameter 160
+    blue = np.where(cell, 10.0, 0.0)
+    blue[((xx - 100) / 48.0) ** 2 + ((yy - 100) / 16.0) ** 2 <= 1.0] = 200.0  # chromatin: 96 x 32
+    blue[30, 100] = 200.0  # a stray bright pixel moves it little
+    length, width = chromatin_extent(blue, cell)
+    assert length == pytest.approx(96 / 160, abs=0.02)
+    assert width == pytest.approx(32 / 160, abs=0.02)
+    assert chromatin_extent(np.zeros_like(blue), cell) == (0.0, 0.0)  # nothing above half of 0
+
+
+@pytest.mark.slow
+def test_mitosis_prints_the_sim_row(capsys: pytest.CaptureFixture[str]):
+    assert main(["--mitosis", "--sim-fields", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("HPA-sim, mitotic")]
+    assert len(rows) == 1 and int(rows[0].split()[6]) > 0

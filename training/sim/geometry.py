@@ -35,9 +35,10 @@ _TABLE = 1024
 #: Semi-axes of a mitotic cell's chromatin relative to the rounded cell's radius (HPA-sim 2.7): the long one (the
 #: metaphase plate's half-length, or the prometaphase cloud's), the short one of a metaphase plate and of a
 #: prometaphase cloud. Chromosomes condense but do not shrink: the plate spans about the interphase nucleus' length,
-#: over half the rounded cell. Measured with ``python -m locus.training.sim.compare --mitosis``: the real mitotic cell
-#: of b6a469d8 holds chromatin over about 0.6 of the cell's diameter; HPA-sim before 2.7 (0.33-0.42 and 0.08-0.13 or
-#: 0.22-0.3) drew plates over 0.3-0.5 and prometaphase clouds a fifth of the real one's area.
+#: over half the rounded cell. Measured with ``python -m locus.training.sim.compare --mitosis`` (length and width of
+#: the chromatin over the cell's diameter): the real mitotic cell of b6a469d8 0.96 by 0.41; HPA-sim 2.6's mitotic
+#: cells (0.33-0.42, and 0.08-0.13 or 0.22-0.3) 0.41 (0.23-0.60) by 0.16 (0.08-0.36); 2.7's 0.72 (0.55-1.02) by 0.36
+#: (0.13-0.52), short of the real cell, whose segmented outline is tighter than the truth masks' outlines.
 MITOTIC_CHROMATIN_LONG = (0.5, 0.68)
 METAPHASE_SHORT = (0.12, 0.2)
 PROMETAPHASE_SHORT = (0.36, 0.5)
