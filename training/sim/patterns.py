@@ -475,8 +475,8 @@ def blue_channel(ctx: PaintContext) -> np.ndarray:
 def _chromosomes(ctx: PaintContext, region: np.ndarray) -> np.ndarray:
     """Condensed prometaphase chromosomes: short, thick, bright rods packed in ``region`` with gaps between.
 
-    Sized as real ones at HPA's 0.08 um per pixel (HPA-sim 2.7): about 0.7 um thick and 1.5-2 um long, as the
-    chromosomes of the real mitotic cell of b6a469d8 look (before 2.7: 0.24 um by 0.5 um, specks a fifth as wide).
+    Sized as real ones at HPA's 0.08 um per pixel (HPA-sim 2.7): about 0.7 um thick and 1.7 um long, as the
+    chromosomes of the real mitotic cell of b6a469d8 look (before 2.7: 0.24 um thick and 0.7 um long, specks).
     """
     rng = ctx.rng
     starts = ctx.sample_points(region, 1.0 / 320.0)
