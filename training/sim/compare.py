@@ -22,12 +22,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from locus.service.classes import CLASS_NAMES
+
+if TYPE_CHECKING:
+    from locus.training.sim.generator import SimField
 
 __all__ = ["chromatin_extent", "composite", "mitosis_table", "nucleus_to_cytoplasm", "sim_vs_real", "stats_table"]
 
@@ -154,7 +159,6 @@ def mitosis_table(seed: int = 4242, sim_fields: int = 3) -> str:
     """
     from locus.service.config import PipelineSettings
     from locus.service.factory import build_segmenter
-    from locus.training.sim.generator import SimConfig, generate_field
 
     folder, fid, _ = next(r for r in _REAL if r[2][0] == _SPINDLE)
     lines = [f"{'mitotic cells':<44} {'cells':>5}  {'length: median (range)':<20} width"]
@@ -167,11 +171,7 @@ def mitosis_table(seed: int = 4242, sim_fields: int = 3) -> str:
         lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
     lengths: list[float] = []
     widths: list[float] = []
-    start = 0
-    for _ in range(sim_fields):
-        idx = _sim_index(seed, _SPINDLE, start)
-        start = idx + 1
-        f = generate_field(idx, seed, SimConfig(size=2048))
+    for f in _sim_fields(seed, _SPINDLE, sim_fields):
         for k in f.mitotic:
             length, width = chromatin_extent(f.image[..., 2], f.cells == k)
             if length > 0:
@@ -221,7 +221,6 @@ def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
     """
     from locus.service.config import PipelineSettings
     from locus.service.factory import build_segmenter
-    from locus.training.sim.generator import SimConfig, generate_field
 
     seg = build_segmenter(PipelineSettings(), "classical")[0]
     lines = [f"{'field':<44} {'cells':>5}  {'green: median (range)':<20} yellow"]
@@ -235,11 +234,7 @@ def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
             lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
         green: list[float] = []
         yellow: list[float] = []
-        start = 0
-        for _ in range(sim_fields):
-            idx = _sim_index(seed, labels[0], start)
-            start = idx + 1
-            f = generate_field(idx, seed, SimConfig(size=2048))
+        for f in _sim_fields(seed, labels[0], sim_fields):
             keep = {k for k, v in f.cell_labels.items() if v == [labels[0]]}
             for src, dst in ((1, green), (3, yellow)):
                 r = nucleus_to_cytoplasm(f.image[..., src], f.cells, f.nuclei)
@@ -293,6 +288,17 @@ def _sim_index(seed: int, primary: int, start: int = 0) -> int:
         if generate_field(i, seed, SimConfig(size=64, noise=0.0)).field_labels[:1] == [primary]:
             return i
     return start
+
+
+def _sim_fields(seed: int, primary: int, n: int) -> Iterator[SimField]:
+    """The first ``n`` HPA-sim fields at 2048² whose primary localisation is ``primary``."""
+    from locus.training.sim.generator import SimConfig, generate_field
+
+    start = 0
+    for _ in range(n):
+        idx = _sim_index(seed, primary, start)
+        start = idx + 1
+        yield generate_field(idx, seed, SimConfig(size=2048))
 
 
 def sim_vs_real(out: str | Path, seed: int = 4242) -> Path:
