@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from locus.training.sim.compare import chromatin_extent, main, nucleus_to_cytoplasm
+from locus.training.sim.compare import chromatin_extent, main, nucleus_to_cytoplasm, spindle_stain
 
 
 def _two_cells() -> tuple[np.ndarray, np.ndarray]:
@@ -63,3 +63,20 @@ def test_mitosis_prints_the_sim_row(capsys: pytest.CaptureFixture[str]):
     assert main(["--mitosis", "--sim-fields", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("HPA-sim, mitotic")]
     assert len(rows) == 1 and int(rows[0].split()[6]) > 0
+
+
+def test_spindle_stain_tells_an_even_pool_with_point_poles_from_a_faint_grainy_one():
+    yy, xx = np.mgrid[0:160, 0:160]
+    cell = (xx - 80) ** 2 + (yy - 80) ** 2 <= 60**2  # about 11,300 pixels
+    even = np.where(cell, 10.0, 0.0)
+    even[78:83, 78:83] = 100.0  # a point pole: 25 pixels, within the top 1% of the cell
+    pool, _, peak = spindle_stain(even, cell)
+    assert pool == pytest.approx(1.0) and peak == pytest.approx(10.0)
+    zone = np.where(cell, 10.0, 0.0)
+    zone[cell & (xx < 62)] = 100.0  # a broad bright zone over about a third of the cell
+    pool, _, peak = spindle_stain(zone, cell)
+    assert pool == pytest.approx(0.1) and peak == pytest.approx(1.0)
+    smooth = np.where(cell, 10.0, 0.0)
+    assert spindle_stain(smooth, cell)[1] < 0.01  # the cell's own edge is not grain
+    grainy = smooth + np.where((xx + yy) % 2 == 0, 5.0, -5.0) * cell
+    assert spindle_stain(grainy, cell)[1] > 0.3

@@ -10,7 +10,8 @@ green).
 its nucleus against its cytoplasm (:func:`nucleus_to_cytoplasm`): the measurement behind HPA-sim 2.6's
 unannotated nuclear pool. ``--mitosis`` prints how far a mitotic cell's condensed chromatin spreads across the
 cell (:func:`chromatin_extent`): the real mitotic cell of the spindle field against HPA-sim's mitotic cells, the
-measurement behind HPA-sim 2.7's mitotic chromatin.
+measurement behind HPA-sim 2.7's mitotic chromatin; and how the spindle protein fills the cell (pool, grain, peak:
+:func:`spindle_stain`).
 
 Usage::
 
@@ -34,7 +35,15 @@ from locus.service.classes import CLASS_NAMES
 if TYPE_CHECKING:
     from locus.training.sim.generator import SimField
 
-__all__ = ["chromatin_extent", "composite", "mitosis_table", "nucleus_to_cytoplasm", "sim_vs_real", "stats_table"]
+__all__ = [
+    "chromatin_extent",
+    "composite",
+    "mitosis_table",
+    "nucleus_to_cytoplasm",
+    "sim_vs_real",
+    "spindle_stain",
+    "stats_table",
+]
 
 #: (folder, field id, labels) of the real validation fields, in display order.
 _REAL = (
@@ -138,8 +147,39 @@ def chromatin_extent(blue: np.ndarray, cell: np.ndarray) -> tuple[float, float]:
     return float(4.0 * np.sqrt(max(eig[1], 0.0)) / diameter), float(4.0 * np.sqrt(max(eig[0], 0.0)) / diameter)
 
 
+def spindle_stain(green: np.ndarray, cell: np.ndarray) -> tuple[float, float, float]:
+    """How a spindle protein's stain fills its mitotic cell: its pool, its grain and how point-like its peak is.
+
+    Above background (the 10th percentile of the channel outside the cell): the pool is the cell's median over its
+    99th percentile (an even glow around the spindle gives a high pool); the grain is the standard deviation of the
+    channel minus its 3-px Gaussian blur over the cell more than 6 px inside its edge, over the cell's mean (a
+    smooth stain gives a low grain); the peak is the
+    99.9th percentile over the 99th (point-like bright poles give over 1, a broad bright zone about 1).
+
+    Parameters
+    ----------
+    green : numpy.ndarray
+        (H, W) protein channel.
+    cell : numpy.ndarray
+        (H, W) bool mask of the cell.
+
+    Returns
+    -------
+    tuple of float
+        (pool, grain, peak).
+    """
+    x = green.astype(np.float64)
+    bg = float(np.percentile(x[~cell], 10)) if (~cell).any() else 0.0
+    v = x[cell] - bg
+    p99 = max(float(np.percentile(v, 99)), 1e-6)
+    fine = x - cv2.GaussianBlur(x, (0, 0), 3.0)
+    inner = cv2.distanceTransform(cell.astype(np.uint8), cv2.DIST_L2, 5) > 6.0  # the cell's edge is no grain
+    grain = float(np.std(fine[inner if inner.any() else cell])) / max(float(v.mean()), 1e-6)
+    return float(np.median(v)) / p99, grain, float(np.percentile(v, 99.9)) / p99
+
+
 def mitosis_table(seed: int = 4242, sim_fields: int = 3) -> str:
-    """Chromatin extent (:func:`chromatin_extent`) of real and HPA-sim mitotic cells.
+    """Chromatin extent (:func:`chromatin_extent`) of real and HPA-sim mitotic cells, and their spindle stain.
 
     The real row is the mitotic cell of the spindle field (its brightest chromatin, on its own segmentation); the
     HPA-sim row pools the mitotic cells (truth masks) of the first ``sim_fields`` fields at 2048² whose primary
@@ -155,30 +195,39 @@ def mitosis_table(seed: int = 4242, sim_fields: int = 3) -> str:
     Returns
     -------
     str
-        A text table: cells, then median (range) of length and of width over the cell's diameter.
+        Two text tables: cells, then median (range) of the chromatin's length and width over the cell's diameter;
+        then, for cells that carry the spindle label, :func:`spindle_stain`'s pool, grain and peak of the protein.
     """
     from locus.service.config import PipelineSettings
     from locus.service.factory import build_segmenter
 
     folder, fid, _ = next(r for r in _REAL if r[2][0] == _SPINDLE)
     lines = [f"{'mitotic cells':<44} {'cells':>5}  {'length: median (range)':<20} width"]
+    stain = [f"{'spindle protein (green) in spindle cells':<44} {'cells':>5}  {'pool':<20} {'grain':<20} peak"]
     img = _real_field(folder, fid)
     if img is not None:
         cells, _ = build_segmenter(PipelineSettings(), "classical")[0].segment(img)
-        length, width = chromatin_extent(img[..., 2], cells == _brightest_chromatin_cell(img, cells))
+        cell = cells == _brightest_chromatin_cell(img, cells)
+        length, width = chromatin_extent(img[..., 2], cell)
         lines.append(_ratio_line(f"REAL {fid[:8]}, its mitotic cell", [length], [width]))
+        stain.append(_ratio_line(f"REAL {fid[:8]}, its mitotic cell", *([v] for v in spindle_stain(img[..., 1], cell))))
     else:
         lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
     lengths: list[float] = []
     widths: list[float] = []
+    sim_stain: list[list[float]] = [[], [], []]
     for f in _sim_fields(seed, _SPINDLE, sim_fields):
         for k in f.mitotic:
             length, width = chromatin_extent(f.image[..., 2], f.cells == k)
             if length > 0:
                 lengths.append(length)
                 widths.append(width)
+            if _SPINDLE in f.cell_labels[k]:
+                for dst, v in zip(sim_stain, spindle_stain(f.image[..., 1], f.cells == k), strict=True):
+                    dst.append(v)
     lines.append(_ratio_line("HPA-sim, mitotic cells of spindle fields", lengths, widths))
-    return "\n".join(lines)
+    stain.append(_ratio_line("HPA-sim, spindle cells", *sim_stain))
+    return "\n".join(lines + [""] + stain)
 
 
 def _real_field(folder: str, field_id: str) -> np.ndarray | None:
@@ -191,14 +240,17 @@ def _real_field(folder: str, field_id: str) -> np.ndarray | None:
     return load_field(refs[0]) if refs else None
 
 
-def _ratio_line(name: str, green: list[float], yellow: list[float]) -> str:
+def _ratio_line(name: str, *columns: list[float]) -> str:
+    """One table row: the name, the count of the first column, then each column's median (range)."""
+
     def part(v: list[float]) -> str:
         a = np.array(v)
         if not len(a):
             return "-"
         return f"{np.median(a):.2f} ({a.min():.2f}-{a.max():.2f})"
 
-    return f"{name:<44} {len(green):>5}  {part(green):<20} {part(yellow)}"
+    parts = [f"{part(c):<20}" for c in columns[:-1]] + [part(columns[-1])]
+    return f"{name:<44} {len(columns[0]):>5}  " + " ".join(parts)
 
 
 def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
