@@ -153,8 +153,8 @@ def spindle_stain(green: np.ndarray, cell: np.ndarray) -> tuple[float, float, fl
     Above background (the 10th percentile of the channel outside the cell): the pool is the cell's median over its
     99th percentile (an even glow around the spindle gives a high pool); the grain is the standard deviation of the
     channel minus its 3-px Gaussian blur over the cell more than 6 px inside its edge, over the cell's mean (a
-    smooth stain gives a low grain); the peak is the
-    99.9th percentile over the 99th (point-like bright poles give over 1, a broad bright zone about 1).
+    smooth stain gives a low grain); the peak is the 99.9th percentile over the 99th (point-like bright poles give
+    over 1, a broad bright zone about 1).
 
     Parameters
     ----------
