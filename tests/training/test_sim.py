@@ -13,6 +13,7 @@ import pytest
 
 from locus.service.classes import NEGATIVE, NUM_CLASSES, parse_label
 from locus.service.imaging import load_field
+from locus.training.sim.compare import ellipse_extent
 from locus.training.sim.generator import SimConfig, SimField, field_id, generate_field, write_dataset
 
 SMALL = SimConfig(size=256)
@@ -83,11 +84,9 @@ def test_mitotic_chromatin_spans_over_half_the_rounded_cell():
             cell, nuc = f.cells == k, f.nuclei == k
             if nuc.sum() < 20 or not cell.any():
                 continue
-            ys, xs = np.nonzero(nuc)
-            eig = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(float)))
-            diameter = 2.0 * np.sqrt(cell.sum() / np.pi)
-            length.append(4.0 * np.sqrt(eig[1]) / diameter)
-            width.append(4.0 * np.sqrt(eig[0]) / diameter)
+            a, b = ellipse_extent(nuc, cell)  # the measure of `compare --mitosis`, on the truth nucleus
+            length.append(a)
+            width.append(b)
     assert len(length) >= 8
     assert 0.55 < np.median(length) < 1.0, sorted(length)
     assert 0.15 < np.median(width) < 0.6, sorted(width)

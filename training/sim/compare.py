@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "chromatin_extent",
     "composite",
+    "ellipse_extent",
     "mitosis_table",
     "nucleus_to_cytoplasm",
     "sim_vs_real",
@@ -117,13 +118,38 @@ def nucleus_to_cytoplasm(
     return out
 
 
+def ellipse_extent(region: np.ndarray, cell: np.ndarray) -> tuple[float, float]:
+    """Length and width of a region, each over its cell's equivalent diameter.
+
+    The length and width are those of the ellipse of the region's second moments (4 times the square root of each
+    eigenvalue of its pixel coordinates' covariance), so a stray pixel or a ragged edge moves them little. The
+    equivalent diameter is that of the disc of the cell's area.
+
+    Parameters
+    ----------
+    region : numpy.ndarray
+        (H, W) bool mask of the region (inside the cell).
+    cell : numpy.ndarray
+        (H, W) bool mask of the cell.
+
+    Returns
+    -------
+    tuple of float
+        (length, width) over the cell's diameter; (0, 0) when the region has fewer than 3 pixels.
+    """
+    ys, xs = np.nonzero(region)
+    if len(xs) < 3:
+        return 0.0, 0.0
+    eig = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(np.float64)))
+    diameter = 2.0 * np.sqrt(cell.sum() / np.pi)
+    return float(4.0 * np.sqrt(max(eig[1], 0.0)) / diameter), float(4.0 * np.sqrt(max(eig[0], 0.0)) / diameter)
+
+
 def chromatin_extent(blue: np.ndarray, cell: np.ndarray) -> tuple[float, float]:
     """Length and width of a cell's brightest chromatin, each over the cell's equivalent diameter.
 
     The chromatin is the cell's pixels above half its 99th percentile of the nucleus channel (condensed mitotic
-    chromosomes stand far above the rest). Its length and width are those of the ellipse of the same second
-    moments (4 times the square root of each eigenvalue of the pixel coordinates' covariance), so a stray
-    chromosome or a ragged edge moves them little. The equivalent diameter is that of the disc of the cell's area.
+    chromosomes stand far above the rest); its extent is :func:`ellipse_extent`'s.
 
     Parameters
     ----------
@@ -138,13 +164,7 @@ def chromatin_extent(blue: np.ndarray, cell: np.ndarray) -> tuple[float, float]:
         (length, width) over the cell's diameter; (0, 0) when fewer than 3 pixels qualify.
     """
     x = blue.astype(np.float64)
-    threshold = 0.5 * float(np.percentile(x[cell], 99))
-    ys, xs = np.nonzero(cell & (x > threshold))
-    if len(xs) < 3:
-        return 0.0, 0.0
-    eig = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(np.float64)))
-    diameter = 2.0 * np.sqrt(cell.sum() / np.pi)
-    return float(4.0 * np.sqrt(max(eig[1], 0.0)) / diameter), float(4.0 * np.sqrt(max(eig[0], 0.0)) / diameter)
+    return ellipse_extent(cell & (x > 0.5 * float(np.percentile(x[cell], 99))), cell)
 
 
 def spindle_stain(green: np.ndarray, cell: np.ndarray) -> tuple[float, float, float]:
@@ -218,12 +238,13 @@ def mitosis_table(seed: int = 4242, sim_fields: int = 3) -> str:
     sim_stain: list[list[float]] = [[], [], []]
     for f in _sim_fields(seed, _SPINDLE, sim_fields):
         for k in f.mitotic:
-            length, width = chromatin_extent(f.image[..., 2], f.cells == k)
+            cell = f.cells == k
+            length, width = chromatin_extent(f.image[..., 2], cell)
             if length > 0:
                 lengths.append(length)
                 widths.append(width)
             if _SPINDLE in f.cell_labels[k]:
-                for dst, v in zip(sim_stain, spindle_stain(f.image[..., 1], f.cells == k), strict=True):
+                for dst, v in zip(sim_stain, spindle_stain(f.image[..., 1], cell), strict=True):
                     dst.append(v)
     lines.append(_ratio_line("HPA-sim, mitotic cells of spindle fields", lengths, widths))
     stain.append(_ratio_line("HPA-sim, spindle cells", *sim_stain))
