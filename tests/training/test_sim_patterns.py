@@ -83,8 +83,8 @@ def test_nucleoli_are_the_brightest_structure_and_some_are_rings():
     assert min(peak_over_nucleus) > 5.0, sorted(peak_over_nucleus)
 
 
-def test_mitotic_spindle_fans_from_poles_over_a_soluble_pool_and_chromosomes_condense():
-    pool, contrast, gaps = [], [], {True: [], False: []}
+def test_mitotic_spindle_fills_a_zone_at_its_poles_over_a_faint_pool_and_chromosomes_condense():
+    pool, contrast, peak, gaps = [], [], [], {True: [], False: []}
     for seed in range(4):
         ctx = _context(seed, mitotic_fraction=0.5, min_mitotic=3)
         ids = np.array([k for k in range(1, ctx.geo.n + 1) if ctx.geo.mitotic[k - 1]], dtype=np.int64)
@@ -92,15 +92,21 @@ def test_mitotic_spindle_fans_from_poles_over_a_soluble_pool_and_chromosomes_con
         blue = blue_channel(ctx)
         for k in ids:
             cell = ctx.cells == k
+            p99 = float(np.percentile(stain[cell], 99))
             pool.append(float(np.median(stain[cell])))
-            contrast.append(float(np.percentile(stain[cell], 99) / np.median(stain[cell])))
+            contrast.append(p99 / float(np.median(stain[cell])))
+            peak.append(float(np.percentile(stain[cell], 99.9)) / p99)
             b = blue[ctx.geo.nuclei == k]
             if b.size >= 20:
                 gaps[bool(ctx.geo.prometaphase[k - 1])].append(float((b < 0.5 * np.percentile(b, 95)).mean()))
     assert len(pool) >= 8
-    # The whole rounded cell glows (soluble pool), the spindle stands well above it.
-    assert min(pool) > 0.1, sorted(pool)
+    # The whole rounded cell holds a faint pool (real b6a469d8: median 0.12 of the 99th percentile), the spindle
+    # stands well above it.
+    assert min(pool) > 0.005, sorted(pool)
     assert min(contrast) > 3.0, sorted(contrast)
+    # The brightest part is a zone round the poles, not a point (real: 99.9th over 99th percentile 1.02; HPA-sim
+    # 2.7's point poles gave 1.31-1.86).
+    assert max(peak) < 1.15, sorted(peak)
     # Prometaphase: separate condensed chromosomes with gaps between; metaphase: a solid plate.
     assert gaps[True] and gaps[False]
     assert min(gaps[True]) > 0.35 > max(gaps[False]), gaps

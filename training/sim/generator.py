@@ -61,7 +61,7 @@ REF_CELL_DIAMETER_PX = 335.0
 _MAX_SEED_CELLS = 3000
 _SCALE_SALT = 0x5343414C45  # "SCALE": the per-field cell-diameter draw's own stream
 
-SIM_VERSION = "2.7"
+SIM_VERSION = "2.8"
 #: Relative level of cytosol in a field that also shows a cytoplasmic structure (every other class draws its level
 #: from 0.55-1.0, :func:`relative_level`). Before HPA-sim 2.4 cytosol drew 0.55-1.0 too, and a cytosolic pool at
 #: full level hid the microtubules, centrosomes and ER of the same cells; HPA-sim 2.4 drew 0.3-0.55, so every
@@ -81,6 +81,11 @@ BACKGROUND_STAIN_RATE = 0.5
 #: (0.35-1.21), and the 2.4 and 2.5 models read the brightest real ones as nucleoplasm.
 NUCLEAR_HAZE_RATE = 0.4
 NUCLEAR_HAZE_LEVEL = (0.08, 0.3)
+#: Even protein-channel level in every cell, per field (HPA-sim 2.8; before, 0.025 everywhere). Real unannotated
+#: cells sit at the background: the negative field a34d8680's cells have a green median of 0 and 90th percentile 1
+#: (8 bit), HPA-sim 2.7's negative cells 6-9 and 10-19. The 0.025 level was also half of HPA-sim's spindle-protein
+#: pool (2.7's spindle-only cells: 0.21 of the 99th percentile with it, 0.11 without; the real spindle cell: 0.12).
+GREEN_BASELINE = (0.0, 0.008)
 #: Fields at a smaller scale than this (relative to the 2048² reference) are drawn larger and reduced (pixel
 #: integration, ``SimConfig.max_supersample``).
 MIN_RENDER_SCALE = 0.5
@@ -469,7 +474,7 @@ def generate_field(index: int, seed: int, config: SimConfig | None = None) -> Si
     yellow = yellow_channel(ctx) * (cell_gain(0.25) * mit_boost)[geo.cells] * np.float32(rng.uniform(0.45, 0.8))
     blue = blue_channel(ctx) * cell_gain(0.15)[geo.nuclei] * np.float32(rng.uniform(0.5, 0.85))
 
-    green = 0.025 * ctx.cell_mask.astype(np.float32)
+    green = np.float32(rng.uniform(*GREEN_BASELINE)) * ctx.cell_mask.astype(np.float32)
     protein_gain = float(np.exp(rng.normal(np.log(0.32), 0.35)))
     per_cell = cell_gain(0.4)
     present = sorted({c for labels in cell_labels.values() for c in labels} - {NEGATIVE})
