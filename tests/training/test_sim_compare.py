@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from locus.training.sim.compare import chromatin_extent, main, nucleus_to_cytoplasm, spindle_stain
+from locus.training.sim.compare import (
+    chromatin_extent,
+    level_over_background,
+    main,
+    nucleus_to_cytoplasm,
+    spindle_stain,
+)
 
 
 def _two_cells() -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +42,17 @@ def test_small_compartments_are_left_out_and_dark_cytoplasm_is_floored():
     r = nucleus_to_cytoplasm(x, cells, nuclei, min_pixels=100)
     assert set(r) == {1, 2} and r[2] == pytest.approx(5.0 / 1e-3)
     assert nucleus_to_cytoplasm(x, cells, nuclei, min_pixels=200) == {}  # each nucleus has 192 pixels
+
+
+def test_level_over_background_is_in_8_bit_units_whatever_the_depth():
+    cells, _ = _two_cells()
+    x = np.full(cells.shape, 2 * 257, np.uint16)  # 16-bit background: 2 on the 8-bit scale
+    x[cells == 1] = 10 * 257  # 8 over background
+    x[cells == 2] = 2 * 257  # an unannotated cell at the background
+    x[5:8, 32:55] = 60000  # a few bright pixels do not move a median
+    assert level_over_background(x, cells) == pytest.approx({1: 8.0, 2: 0.0})
+    assert level_over_background((x // 257).astype(np.uint8), cells) == pytest.approx({1: 8.0, 2: 0.0})
+    assert level_over_background(x.astype(np.float32) / 257, cells) == pytest.approx({1: 8.0, 2: 0.0})
 
 
 @pytest.mark.slow

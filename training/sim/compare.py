@@ -8,10 +8,12 @@ green).
 
 ``--stats`` prints, for the same fields, how bright each cell's protein (green) and ER marker (yellow) are over
 its nucleus against its cytoplasm (:func:`nucleus_to_cytoplasm`): the measurement behind HPA-sim 2.6's
-unannotated nuclear pool. ``--mitosis`` prints how far a mitotic cell's condensed chromatin spreads across the
-cell (:func:`chromatin_extent`): the real mitotic cell of the spindle field against HPA-sim's mitotic cells, the
-measurement behind HPA-sim 2.7's mitotic chromatin; and how the spindle protein fills the cell (pool, grain, peak:
-:func:`spindle_stain`).
+unannotated nuclear pool; and each cell's green level over the background (:func:`level_over_background`), the
+measurement behind HPA-sim 2.8's lower even level in every cell. ``--mitosis`` prints how far a mitotic cell's
+condensed chromatin spreads across the cell (:func:`chromatin_extent`): the real mitotic cell of the spindle field
+against HPA-sim's mitotic cells, the measurement behind HPA-sim 2.7's mitotic chromatin; and how the spindle
+protein fills the cell (pool, grain, peak: :func:`spindle_stain`), the measurement behind HPA-sim 2.8's spindle
+protein.
 
 Usage::
 
@@ -39,6 +41,7 @@ __all__ = [
     "chromatin_extent",
     "composite",
     "ellipse_extent",
+    "level_over_background",
     "mitosis_table",
     "nucleus_to_cytoplasm",
     "sim_vs_real",
@@ -116,6 +119,31 @@ def nucleus_to_cytoplasm(
             continue
         out[int(k)] = max(float(x[nuc].mean()) - bg, 1e-3) / max(float(x[cyt].mean()) - bg, 1e-3)
     return out
+
+
+def level_over_background(channel: np.ndarray, cells: np.ndarray) -> dict[int, float]:
+    """Per cell: the channel's median over the cell minus its median outside every cell, in 8-bit units.
+
+    Integer channels are put on the 8-bit scale by their type's range (a 16-bit value over 257), float channels
+    are taken as they are. An unannotated cell whose protein channel sits at the background gives about 0.
+
+    Parameters
+    ----------
+    channel : numpy.ndarray
+        (H, W) one channel of a field.
+    cells : numpy.ndarray
+        (H, W) label image.
+
+    Returns
+    -------
+    dict of int to float
+        Cell id to level (0 background when no pixel is outside).
+    """
+    scale = 255.0 / np.iinfo(channel.dtype).max if channel.dtype.kind in "ui" else 1.0
+    x = channel.astype(np.float64) * scale
+    outside = cells == 0
+    bg = float(np.median(x[outside])) if outside.any() else 0.0
+    return {int(k): float(np.median(x[cells == k])) - bg for k in np.unique(cells) if k}
 
 
 def ellipse_extent(region: np.ndarray, cell: np.ndarray) -> tuple[float, float]:
@@ -275,7 +303,7 @@ def _ratio_line(name: str, *columns: list[float]) -> str:
 
 
 def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
-    """Nucleus-to-cytoplasm ratios of the real fields (their own segmentation) and of HPA-sim (truth masks).
+    """Nucleus-to-cytoplasm ratios and green levels of the real fields (their own segmentation) and of HPA-sim.
 
     HPA-sim rows pool the cells that carry exactly the real field's first label, over the first ``sim_fields``
     fields at 2048² whose primary localisation it is.
@@ -290,29 +318,36 @@ def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
     Returns
     -------
     str
-        A text table: cells, then median (range) for green and for yellow.
+        A text table: cells, then median (range) of the nucleus-to-cytoplasm ratio for green and for yellow, and
+        of the green level over background (:func:`level_over_background`).
     """
     from locus.service.config import PipelineSettings
     from locus.service.factory import build_segmenter
 
     seg = build_segmenter(PipelineSettings(), "classical")[0]
-    lines = [f"{'field':<44} {'cells':>5}  {'green: median (range)':<20} yellow"]
+    lines = [
+        f"{'field':<44} {'cells':>5}  {'nucleus/cytoplasm:':<20} {'':<20} green over background",
+        f"{'':<44} {'':>5}  {'green':<20} {'yellow':<20} (8 bit, cell median)",
+    ]
     for folder, fid, labels in _REAL:
         img = _real_field(folder, fid)
         if img is not None:
             cells, nuclei = seg.segment(img)
             g, y = (list(nucleus_to_cytoplasm(img[..., c], cells, nuclei).values()) for c in (1, 3))
-            lines.append(_ratio_line(f"REAL {fid[:8]} {_short(labels)[:30]}", g, y))
+            level = list(level_over_background(img[..., 1], cells).values())
+            lines.append(_ratio_line(f"REAL {fid[:8]} {_short(labels)[:30]}", g, y, level))
         else:
             lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
         green: list[float] = []
         yellow: list[float] = []
+        levels: list[float] = []
         for f in _sim_fields(seed, labels[0], sim_fields):
             keep = {k for k, v in f.cell_labels.items() if v == [labels[0]]}
             for src, dst in ((1, green), (3, yellow)):
                 r = nucleus_to_cytoplasm(f.image[..., src], f.cells, f.nuclei)
                 dst.extend(v for k, v in r.items() if k in keep)
-        lines.append(_ratio_line(f"HPA-sim {CLASS_NAMES[labels[0]][:30]} only", green, yellow))
+            levels.extend(v for k, v in level_over_background(f.image[..., 1], f.cells).items() if k in keep)
+        lines.append(_ratio_line(f"HPA-sim {CLASS_NAMES[labels[0]][:30]} only", green, yellow, levels))
     return "\n".join(lines)
 
 
