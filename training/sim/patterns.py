@@ -28,10 +28,11 @@ __all__ = [
     "blue_channel",
 ]
 
-#: Width (reference px) of the bright zone a spindle protein fills round each pole, where the fibres converge.
+#: Gaussian width (sigma, reference px) of the bright zone a spindle protein fills round each pole, where the fibres
+#: converge (HPA-sim 2.8; 2.7 drew a 9 px glow under a point-like pole).
 SPINDLE_POLE_ZONE = 20.0
 #: A spindle protein's granular pool in its mitotic cell, relative to the spindle (HPA-sim 2.8; 2.7 drew a smooth
-#: pool of 0.12-0.35, twice the real cell's median over its 99th percentile).
+#: pool of 0.12-0.35; measured as median over 99th percentile, 2.7's cells held 0.26 and the real cell 0.12).
 SPINDLE_POOL = (0.03, 0.1)
 
 #: Classes whose pattern lies inside the nucleus (they dissolve in mitosis).
