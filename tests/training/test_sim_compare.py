@@ -7,6 +7,7 @@ import pytest
 
 from locus.training.sim.compare import (
     chromatin_extent,
+    er_likeness,
     level_over_background,
     main,
     nucleus_to_cytoplasm,
@@ -97,3 +98,30 @@ def test_spindle_stain_tells_an_even_pool_with_point_poles_from_a_faint_grainy_o
     assert spindle_stain(smooth, cell)[1] < 0.01  # the cell's own edge is not grain
     grainy = smooth + np.where((xx + yy) % 2 == 0, 5.0, -5.0) * cell
     assert spindle_stain(grainy, cell)[1] > 0.3
+
+
+def test_er_likeness_of_hand_drawn_cells():
+    yy, xx = np.mgrid[0:200, 0:400]
+    cells = np.zeros((200, 400), np.int32)
+    nuclei = np.zeros_like(cells)
+    cells[10:190, 10:190] = 1
+    cells[10:190, 210:390] = 2
+    nuclei[80:120, 80:120] = 1
+    nuclei[80:120, 280:320] = 2
+    rng = np.random.default_rng(0)
+    yellow = (20.0 + 10.0 * np.sin(xx / 3.0) * np.sin(yy / 4.0)) * (cells > 0)  # an ER-like network
+    green = np.zeros_like(yellow)
+    green[cells == 1] = 0.5 * yellow[cells == 1]  # cell 1: the protein follows the network, evenly
+    d = np.hypot(xx - 300, yy - 100)  # cell 2: independent grains, twice as bright near the nucleus
+    green[cells == 2] = (rng.uniform(5, 15, (200, 400)) * np.where(d < 50, 2.0, 1.0))[cells == 2]
+    r = er_likeness(green, yellow, cells, nuclei)
+    assert r[1][0] > 0.95 and r[1][1] == pytest.approx(1.0, abs=0.1)
+    assert abs(r[2][0]) < 0.3 and r[2][1] > 1.5
+    assert er_likeness(green, yellow, cells, np.zeros_like(nuclei)) == {}  # no nucleus: left out
+
+
+@pytest.mark.slow
+def test_background_prints_the_sim_rows(capsys: pytest.CaptureFixture[str]):
+    assert main(["--background", "--sim-fields", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("HPA-sim negative")]
+    assert len(rows) == 2 and sum(int(r[44:50]) for r in rows) > 0  # the cell counts

@@ -13,13 +13,15 @@ measurement behind HPA-sim 2.8's lower even level in every cell. ``--mitosis`` p
 condensed chromatin spreads across the cell (:func:`chromatin_extent`): the real mitotic cell of the spindle field
 against HPA-sim's mitotic cells, the measurement behind HPA-sim 2.7's mitotic chromatin; and how the spindle
 protein fills the cell (pool, grain, peak: :func:`spindle_stain`), the measurement behind HPA-sim 2.8's spindle
-protein.
+protein. ``--background`` prints how ER-like the unannotated green of real and HPA-sim cells is
+(:func:`er_likeness`): its correlation with the ER marker and how it gathers round the nucleus.
 
 Usage::
 
     python -m locus.training.sim.compare --out docs/sim_vs_real.png
     python -m locus.training.sim.compare --stats
     python -m locus.training.sim.compare --mitosis
+    python -m locus.training.sim.compare --background
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "chromatin_extent",
+    "background_table",
     "composite",
     "ellipse_extent",
+    "er_likeness",
     "level_over_background",
     "mitosis_table",
     "nucleus_to_cytoplasm",
@@ -144,6 +148,53 @@ def level_over_background(channel: np.ndarray, cells: np.ndarray) -> dict[int, f
     outside = cells == 0
     bg = float(np.median(x[outside])) if outside.any() else 0.0
     return {int(k): float(np.median(x[cells == k])) - bg for k in np.unique(cells) if k}
+
+
+def er_likeness(
+    green: np.ndarray, yellow: np.ndarray, cells: np.ndarray, nuclei: np.ndarray, ring: float = 40.0
+) -> dict[int, tuple[float, float]]:
+    """Per cell: how much a faint protein stain looks like ER, over the cytoplasm.
+
+    Both channels are blurred (Gaussian, 2 px). The first number is the correlation of green with the ER marker
+    (yellow) over the cytoplasm; the second the perinuclear enrichment: green's mean within ``ring`` px of the
+    nucleus over its mean in the rest of the cytoplasm, both above background (the median outside every cell).
+
+    Parameters
+    ----------
+    green, yellow : numpy.ndarray
+        (H, W) protein and ER-marker channels.
+    cells, nuclei : numpy.ndarray
+        (H, W) label images, nucleus ``k`` inside cell ``k``.
+    ring : float
+        Width in px of the perinuclear zone.
+
+    Returns
+    -------
+    dict of int to (float, float)
+        Cell id to (correlation, enrichment); cells with under 500 cytoplasm pixels, without a nucleus, or with
+        under 200 pixels beyond the zone are left out.
+    """
+    g = cv2.GaussianBlur(green.astype(np.float32), (0, 0), 2.0)
+    y = cv2.GaussianBlur(yellow.astype(np.float32), (0, 0), 2.0)
+    outside = cells == 0
+    bg = float(np.median(green[outside])) if outside.any() else 0.0
+    out: dict[int, tuple[float, float]] = {}
+    for k in np.unique(cells):
+        if k == 0:
+            continue
+        cell = cells == k
+        nuc = cell & (nuclei == k)
+        cyt = cell & ~nuc
+        if cyt.sum() < 500 or not nuc.any():
+            continue
+        near_nucleus = cv2.distanceTransform((~nuc).astype(np.uint8), cv2.DIST_L2, 5) < ring
+        near, far = cyt & near_nucleus, cyt & ~near_nucleus
+        if far.sum() < 200:
+            continue
+        gv, yv = g[cyt], y[cyt]
+        corr = float(np.corrcoef(gv, yv)[0, 1]) if gv.std() > 0 and yv.std() > 0 else 0.0
+        out[int(k)] = (corr, max(float(g[near].mean()) - bg, 1e-3) / max(float(g[far].mean()) - bg, 1e-3))
+    return out
 
 
 def ellipse_extent(region: np.ndarray, cell: np.ndarray) -> tuple[float, float]:
@@ -277,6 +328,64 @@ def mitosis_table(seed: int = 4242, sim_fields: int = 3) -> str:
     lines.append(_ratio_line("HPA-sim, mitotic cells of spindle fields", lengths, widths))
     stain.append(_ratio_line("HPA-sim, spindle cells", *sim_stain))
     return "\n".join(lines + [""] + stain)
+
+
+def background_table(seed: int = 4242, sim_fields: int = 8) -> str:
+    """How ER-like the unannotated green of real and HPA-sim cells is (:func:`er_likeness`).
+
+    Real rows: the negative field's cells, and the spindle field's interphase cells (all but its mitotic cell and
+    the cell that shares its spindle's glow: the two brightest in green). HPA-sim rows: the negative-only cells of
+    the first ``sim_fields`` negative fields at 2048², split by whether the field carries the background stain
+    (cells' median green level over 3 on the 8-bit scale).
+
+    Parameters
+    ----------
+    seed : int
+        HPA-sim seed (not a training seed).
+    sim_fields : int
+        HPA-sim negative fields.
+
+    Returns
+    -------
+    str
+        A text table: cells, then median (range) of the green level, the correlation with the ER marker and the
+        perinuclear enrichment.
+    """
+    from locus.service.config import PipelineSettings
+    from locus.service.factory import build_segmenter
+
+    seg = build_segmenter(PipelineSettings(), "classical")[0]
+    head = f"{'unannotated green':<44} {'cells':>5}  {'level (8 bit)':<20} {'corr(green, yellow)':<20} perinuclear"
+    lines = [head]
+    negative = CLASS_NAMES.index("Negative")
+    for folder, fid, labels in _REAL:
+        if labels[0] not in (negative, _SPINDLE):
+            continue
+        img = _real_field(folder, fid)
+        if img is None:
+            lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
+            continue
+        cells, nuclei = seg.segment(img)
+        level = level_over_background(img[..., 1], cells)
+        keep = sorted(level, key=level.__getitem__)[: -2 if labels[0] == _SPINDLE else None]
+        er = er_likeness(img[..., 1], img[..., 3], cells, nuclei)
+        ks = [k for k in keep if k in er]
+        name = f"REAL {fid[:8]} {'interphase cells' if labels[0] == _SPINDLE else 'negative cells'}"
+        lines.append(_ratio_line(name, [level[k] for k in ks], [er[k][0] for k in ks], [er[k][1] for k in ks]))
+    rows: dict[bool, list[list[float]]] = {True: [[], [], []], False: [[], [], []]}
+    for f in _sim_fields(seed, negative, sim_fields):
+        level = level_over_background(f.image[..., 1], f.cells)
+        er = er_likeness(f.image[..., 1], f.image[..., 3], f.cells, f.nuclei)
+        ks = [k for k, v in f.cell_labels.items() if v == [negative] and k in er]
+        if not ks:
+            continue
+        stained = float(np.median([level[k] for k in ks])) > 3.0
+        for k in ks:
+            for dst, v in zip(rows[stained], (level[k], *er[k]), strict=True):
+                dst.append(v)
+    lines.append(_ratio_line("HPA-sim negative, fields with the bg stain", *rows[True]))
+    lines.append(_ratio_line("HPA-sim negative, fields without it", *rows[False]))
+    return "\n".join(lines)
 
 
 def _real_field(folder: str, field_id: str) -> np.ndarray | None:
@@ -471,8 +580,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mitosis", action="store_true", help="print the chromatin extent of real and HPA-sim mitotic cells"
     )
+    parser.add_argument(
+        "--background",
+        action="store_true",
+        help="print how ER-like the unannotated green of real and HPA-sim cells is",
+    )
     parser.add_argument("--sim-fields", type=int, default=3, help="HPA-sim fields per row of --stats and --mitosis")
     args = parser.parse_args(argv)
+    if args.background:
+        print(background_table(args.seed, max(args.sim_fields, 1)))
+        return 0
     if args.mitosis:
         print(mitosis_table(args.seed, args.sim_fields))
         return 0
