@@ -145,9 +145,14 @@ def level_over_background(channel: np.ndarray, cells: np.ndarray) -> dict[int, f
     """
     scale = 255.0 / np.iinfo(channel.dtype).max if channel.dtype.kind in "ui" else 1.0
     x = channel.astype(np.float64) * scale
-    outside = cells == 0
-    bg = float(np.median(x[outside])) if outside.any() else 0.0
+    bg = _outside_median(x, cells)
     return {int(k): float(np.median(x[cells == k])) - bg for k in np.unique(cells) if k}
+
+
+def _outside_median(x: np.ndarray, cells: np.ndarray) -> float:
+    """The background of a channel: its median over the pixels outside every cell (0 when there are none)."""
+    outside = cells == 0
+    return float(np.median(x[outside])) if outside.any() else 0.0
 
 
 def er_likeness(
@@ -176,8 +181,7 @@ def er_likeness(
     """
     g = cv2.GaussianBlur(green.astype(np.float32), (0, 0), 2.0)
     y = cv2.GaussianBlur(yellow.astype(np.float32), (0, 0), 2.0)
-    outside = cells == 0
-    bg = float(np.median(green[outside])) if outside.any() else 0.0
+    bg = _outside_median(green, cells)
     out: dict[int, tuple[float, float]] = {}
     for k in np.unique(cells):
         if k == 0:

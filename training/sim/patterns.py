@@ -750,7 +750,7 @@ def _mitotic_spindle(ctx: PaintContext, ids: np.ndarray) -> np.ndarray:
     if len(ids) == 0:
         return np.zeros(ctx.shape, np.float32)
     spindle, poles, amps = ctx.spindle
-    sel = _sel(ctx, ids) & ctx.cell_mask
+    sel = _sel(ctx, ids)
     owner = g.cells[
         np.clip(np.rint(poles[:, 1]).astype(int), 0, ctx.shape[0] - 1),
         np.clip(np.rint(poles[:, 0]).astype(int), 0, ctx.shape[1] - 1),
