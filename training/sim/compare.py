@@ -14,7 +14,8 @@ condensed chromatin spreads across the cell (:func:`chromatin_extent`): the real
 against HPA-sim's mitotic cells, the measurement behind HPA-sim 2.7's mitotic chromatin; and how the spindle
 protein fills the cell (pool, grain, peak: :func:`spindle_stain`), the measurement behind HPA-sim 2.8's spindle
 protein. ``--background`` prints how ER-like the unannotated green of real and HPA-sim cells is
-(:func:`er_likeness`): its correlation with the ER marker and how it gathers round the nucleus.
+(:func:`er_likeness`): its correlation with the ER marker and how it gathers round the nucleus, the measurement
+behind HPA-sim 2.9's background stain.
 
 Usage::
 
