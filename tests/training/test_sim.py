@@ -209,9 +209,9 @@ def test_green_compartments_match_labels(fields: list[SimField]):
 def test_negative_cells_sit_near_the_background_in_green(fields: list[SimField]):
     """Unannotated cells carry no even protein glow: on the real negative field a34d8680 their green median is at
     the background (0 on the 8-bit scale), and the faint background stain of the real spindle field's interphase
-    cells sits at 6 (2-9). HPA-sim 2.7's even level in every cell put every field's negative cells at 4 or more
-    (median 8 on these fields); since 2.8 the fields without the background stain sit at most 2 over it (HPA-sim's
-    even level is 0-0.008, under 2.1 on the 8-bit scale)."""
+    cells sits at 6 (2-9). HPA-sim 2.7's even level in every cell (0.025, about 6 on the 8-bit scale) put the
+    negative cells of these fields at 8 (pooled median); since 2.8 the fields without the background stain sit at
+    most 2 over it (HPA-sim's even level is 0-0.008, under 2.1 on the 8-bit scale)."""
     per_field = []
     for f in fields:
         levels = level_over_background(f.image[..., 1], f.cells)
