@@ -10,7 +10,7 @@ from locus.service.config import PipelineSettings
 from locus.service.factory import build_pipeline
 from locus.service.metric import evaluate
 from locus.service.settings import DEFAULT_MODEL_DIR
-from locus.training.default_model import _better, _card_sections, _swap, compare_sizes, score_folder
+from locus.training.default_model import _better, _card_sections, _swap, compare_sizes, net_cell_calls, score_folder
 from locus.training.sim.generator import SimConfig, write_dataset
 
 pytestmark = pytest.mark.skipif(
@@ -130,6 +130,33 @@ def test_a_candidate_that_loses_on_the_real_fields_with_8_views_is_not_installed
     assert not _better(sim_new, sim_old, {**new, "views_8": {"labels_found": 8, "fields_with_wrong_dominant": 1}}, old)
     assert not _better(sim_new, sim_old, {**new, "views_8": {"labels_found": 9, "fields_with_wrong_dominant": 1}}, old)
     assert _better(sim_new, sim_old, {**new, "views_8": {"labels_found": 9, "fields_with_wrong_dominant": 0}}, old)
+
+
+def _fields(*calls: dict[str, int]) -> list[dict]:
+    """Real-field summaries: one field per dict of calls, whose true label is ER."""
+    return [{"true_labels": ["Endoplasmic reticulum"], "called": c} for c in calls]
+
+
+def test_net_cell_calls_counts_true_calls_minus_other_calls():
+    er, golgi = "Endoplasmic reticulum", "Golgi apparatus"
+    assert net_cell_calls({"fields": _fields({er: 10, golgi: 2}, {er: 3})}) == 11
+    assert net_cell_calls({"fields": _fields({golgi: 4})}) == -4
+    assert net_cell_calls({"labels_found": 9}) is None
+
+
+def test_a_candidate_with_the_same_labels_but_fewer_net_cell_calls_is_not_installed():
+    """HPA-sim 2.9's candidate 3.10.0 against 3.6.0: both find 9 of 10 labels with no wrong field at 1 and 8 views,
+    but the candidate calls the true labels on fewer cells and other classes on more (net 34 against 47)."""
+    sim_old, sim_new = {"worst_map": 0.706, "mean_map": 0.748}, {"worst_map": 0.858, "mean_map": 0.872}
+    base = {"labels_found": 9, "fields_with_wrong_dominant": 0}
+    er, other = "Endoplasmic reticulum", "Nucleoli fibrillar center"
+    old = {**base, "fields": _fields({er: 69, other: 22})}
+    assert not _better(sim_new, sim_old, {**base, "fields": _fields({er: 62, other: 28})}, old)
+    assert _better(sim_new, sim_old, {**base, "fields": _fields({er: 69, other: 22})}, old)
+    assert _better(sim_new, sim_old, base, old)  # no per-field calls on one side: the counts alone
+    eight = {**base, "fields": _fields({er: 71, other: 15})}
+    new = {**base, "fields": _fields({er: 70, other: 10}), "views_8": {**base, "fields": _fields({er: 70, other: 17})}}
+    assert not _better(sim_new, sim_old, new, {**old, "views_8": eight})  # worse with 8 views only
 
 
 def test_real_fields_are_scored_with_the_views_asked():
