@@ -28,8 +28,11 @@ def client():
 
 @pytest.fixture(scope="module")
 def fields():
-    # held-out seed: the default model never saw these fields
-    return [generate_field(i, 424242, SimConfig(size=512)) for i in range(3)]
+    # Held-out seed: the default model never saw these fields. Eight fields (about 200 cells), not three: one field
+    # of one class can sway three. On HPA-sim 2.9 the third field (plasma membrane) reads right on 4 of its 32 cells
+    # with model 3.6.0, so the first three gave 55 of 84 (0.65)
+    # while the eight give 157 of 196 (0.80), as 3.6.0's 0.88 top-1 on the 48 held-out 2.9 fields at 512² says.
+    return [generate_field(i, 424242, SimConfig(size=512)) for i in range(8)]
 
 
 def _match(pred_labels: np.ndarray, true_labels: np.ndarray, cell_id: int) -> int | None:
