@@ -38,6 +38,7 @@ import numpy as np
 from locus.service.classes import CLASS_NAMES
 
 if TYPE_CHECKING:
+    from locus.service.segmentation.base import Segmenter
     from locus.training.sim.generator import SimField
 
 __all__ = [
@@ -302,21 +303,19 @@ def mitosis_table(seed: int = 4242, sim_fields: int = 3) -> str:
         Two text tables: cells, then median (range) of the chromatin's length and width over the cell's diameter;
         then, for cells that carry the spindle label, :func:`spindle_stain`'s pool, grain and peak of the protein.
     """
-    from locus.service.config import PipelineSettings
-    from locus.service.factory import build_segmenter
 
     folder, fid, _ = next(r for r in _REAL if r[2][0] == _SPINDLE)
     lines = [f"{'mitotic cells':<44} {'cells':>5}  {'length: median (range)':<20} width"]
     stain = [f"{'spindle protein (green) in spindle cells':<44} {'cells':>5}  {'pool':<20} {'grain':<20} peak"]
     img = _real_field(folder, fid)
     if img is not None:
-        cells, _ = build_segmenter(PipelineSettings(), "classical")[0].segment(img)
+        cells, _ = _segmenter().segment(img)
         cell = cells == _brightest_chromatin_cell(img, cells)
         length, width = chromatin_extent(img[..., 2], cell)
         lines.append(_ratio_line(f"REAL {fid[:8]}, its mitotic cell", [length], [width]))
         stain.append(_ratio_line(f"REAL {fid[:8]}, its mitotic cell", *([v] for v in spindle_stain(img[..., 1], cell))))
     else:
-        lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
+        lines.append(_absent(folder, fid))
     lengths: list[float] = []
     widths: list[float] = []
     sim_stain: list[list[float]] = [[], [], []]
@@ -356,10 +355,8 @@ def background_table(seed: int = 4242, sim_fields: int = 8) -> str:
         A text table: cells, then median (range) of the green level, the correlation with the ER marker and the
         perinuclear enrichment.
     """
-    from locus.service.config import PipelineSettings
-    from locus.service.factory import build_segmenter
 
-    seg = build_segmenter(PipelineSettings(), "classical")[0]
+    seg = _segmenter()
     head = f"{'unannotated green':<44} {'cells':>5}  {'level (8 bit)':<20} {'corr(green, yellow)':<20} perinuclear"
     lines = [head]
     negative = CLASS_NAMES.index("Negative")
@@ -368,7 +365,7 @@ def background_table(seed: int = 4242, sim_fields: int = 8) -> str:
             continue
         img = _real_field(folder, fid)
         if img is None:
-            lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
+            lines.append(_absent(folder, fid))
             continue
         cells, nuclei = seg.segment(img)
         level = level_over_background(img[..., 1], cells)
@@ -391,6 +388,19 @@ def background_table(seed: int = 4242, sim_fields: int = 8) -> str:
     lines.append(_ratio_line("HPA-sim negative, fields with the bg stain", *rows[True]))
     lines.append(_ratio_line("HPA-sim negative, fields without it", *rows[False]))
     return "\n".join(lines)
+
+
+def _segmenter() -> Segmenter:
+    """The classical segmenter with the service's default settings: how every real field here is segmented."""
+    from locus.service.config import PipelineSettings
+    from locus.service.factory import build_segmenter
+
+    return build_segmenter(PipelineSettings(), "classical")[0]
+
+
+def _absent(folder: str, field_id: str) -> str:
+    """The table line for a real field that is not beside this checkout."""
+    return f"REAL {field_id[:8]}: absent ({folder} is not there)"
 
 
 def _real_field(folder: str, field_id: str) -> np.ndarray | None:
@@ -435,10 +445,8 @@ def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
         A text table: cells, then median (range) of the nucleus-to-cytoplasm ratio for green and for yellow, and
         of the green level over background (:func:`level_over_background`).
     """
-    from locus.service.config import PipelineSettings
-    from locus.service.factory import build_segmenter
 
-    seg = build_segmenter(PipelineSettings(), "classical")[0]
+    seg = _segmenter()
     lines = [
         f"{'field':<44} {'cells':>5}  {'nucleus/cytoplasm:':<20} {'':<20} green over background",
         f"{'':<44} {'':>5}  {'green':<20} {'yellow':<20} (8 bit, cell median)",
@@ -451,7 +459,7 @@ def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
             level = list(level_over_background(img[..., 1], cells).values())
             lines.append(_ratio_line(f"REAL {fid[:8]} {_short(labels)[:30]}", g, y, level))
         else:
-            lines.append(f"REAL {fid[:8]}: absent ({folder} is not there)")
+            lines.append(_absent(folder, fid))
         green: list[float] = []
         yellow: list[float] = []
         levels: list[float] = []
@@ -538,11 +546,9 @@ def sim_vs_real(out: str | Path, seed: int = 4242) -> Path:
     Path
         The picture.
     """
-    from locus.service.config import PipelineSettings
-    from locus.service.factory import build_segmenter
     from locus.training.sim.generator import SimConfig, generate_field
 
-    seg = build_segmenter(PipelineSettings(), "classical")[0]
+    seg = _segmenter()
     top, mid, bottom = [], [], []
     half = _TILE // 2
     for folder, fid, labels in _REAL:
