@@ -61,7 +61,7 @@ REF_CELL_DIAMETER_PX = 335.0
 _MAX_SEED_CELLS = 3000
 _SCALE_SALT = 0x5343414C45  # "SCALE": the per-field cell-diameter draw's own stream
 
-SIM_VERSION = "2.9"
+SIM_VERSION = "2.10"
 #: Relative level of cytosol in a field that also shows a cytoplasmic structure (every other class draws its level
 #: from 0.55-1.0, :func:`relative_level`). Before HPA-sim 2.4 cytosol drew 0.55-1.0 too, and a cytosolic pool at
 #: full level hid the microtubules, centrosomes and ER of the same cells; HPA-sim 2.4 drew 0.3-0.55, so every
