@@ -7,6 +7,7 @@ import pytest
 
 from locus.training.sim.compare import (
     chromatin_extent,
+    er_at_spindle,
     er_likeness,
     level_over_background,
     main,
@@ -79,8 +80,11 @@ def test_chromatin_extent_of_a_hand_drawn_ellipse_in_a_disc():
 @pytest.mark.slow
 def test_mitosis_prints_the_sim_row(capsys: pytest.CaptureFixture[str]):
     assert main(["--mitosis", "--sim-fields", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("HPA-sim, mitotic")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("HPA-sim, mitotic")]
     assert len(rows) == 1 and int(rows[0].split()[6]) > 0
+    er = [line for line in out if line.startswith("HPA-sim, their ER marker")]
+    assert len(er) == 1 and int(er[0].split()[4]) == int(rows[0].split()[6])
 
 
 def test_spindle_stain_tells_an_even_pool_with_point_poles_from_a_faint_grainy_one():
@@ -125,3 +129,17 @@ def test_background_prints_the_sim_rows(capsys: pytest.CaptureFixture[str]):
     assert main(["--background", "--sim-fields", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("HPA-sim negative")]
     assert len(rows) == 2 and sum(int(r[44:50]) for r in rows) > 0  # the cell counts
+
+
+def test_er_at_spindle_of_hand_drawn_cells():
+    yy, xx = np.mgrid[0:160, 0:160]
+    cell = (xx - 80) ** 2 + (yy - 80) ** 2 <= 60**2
+    red = np.where(cell & (np.abs(xx - 80) < 15), 100.0, 10.0) * cell  # a spindle down the middle
+    # An ER marker bright where the spindle is: follows it, 3 times as bright there (smoothing blurs the edge).
+    corr, ratio = er_at_spindle(np.where(red > 50, 30.0, 10.0) * cell, red, cell)
+    assert corr > 0.9 and 2.5 < ratio < 3.0
+    # An even haze: no correlation, the same brightness at the spindle and off it.
+    assert er_at_spindle(np.where(cell, 20.0, 0.0), red, cell) == pytest.approx((0.0, 1.0))
+    # Excluded from the spindle: negative correlation, dimmer there.
+    corr, ratio = er_at_spindle(np.where(red > 50, 5.0, 20.0) * cell, red, cell)
+    assert corr < -0.9 and ratio < 0.4

@@ -45,8 +45,9 @@ BACKGROUND_PERINUCLEAR = 18.0
 #: Width (sigma, reference px) of the zone round each spindle pole where a mitotic cell's ER gathers, and how much
 #: brighter it is there (HPA-sim 2.10; before, an even haze denser round the chromosomes). Measured with
 #: :func:`locus.training.sim.compare.er_at_spindle`: on the real mitotic cell of b6a469d8 the ER marker follows the
-#: tubulin (correlation 0.57) and is 1.67 times as bright where the tubulin is (its top quarter) as where it is not
-#: (its bottom half); HPA-sim 2.9's mitotic cells 0.23 and 1.13.
+#: tubulin (correlation 0.57) and is 1.62 times as bright where the tubulin is (its top quarter) as where it is not
+#: (its bottom half); HPA-sim 2.9's mitotic cells 0.20 and 1.11, 2.10's 0.58 and 1.62 (31 cells of 6 spindle fields
+#: at 2048², seed 4242).
 MITOTIC_ER_POLE_ZONE = 40.0
 MITOTIC_ER_POLE_GAIN = 1.2
 
