@@ -199,7 +199,7 @@ def er_likeness(
         if far.sum() < 200:
             continue
         gv, yv = g[cyt], y[cyt]
-        corr = float(np.corrcoef(gv, yv)[0, 1]) if gv.std() > 0 and yv.std() > 0 else 0.0
+        corr = _pearson(gv, yv)
         out[int(k)] = (corr, max(float(g[near].mean()) - bg, 1e-3) / max(float(g[far].mean()) - bg, 1e-3))
     return out
 
@@ -284,6 +284,14 @@ def spindle_stain(green: np.ndarray, cell: np.ndarray) -> tuple[float, float, fl
     return float(np.median(v)) / p99, grain, float(np.percentile(v, 99.9)) / p99
 
 
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's correlation of two pixel samples; 0 where either is even (within float rounding after smoothing)."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if min(a64.std() / max(abs(a64.mean()), 1e-6), b64.std() / max(abs(b64.mean()), 1e-6)) < 1e-4:
+        return 0.0
+    return float(np.corrcoef(a64, b64)[0, 1])
+
+
 def _smooth_within(x: np.ndarray, cell: np.ndarray, sigma: float = 4.0) -> np.ndarray:
     """The cell's pixels of ``x`` smoothed over the cell only (normalised convolution), as float64."""
     m = cell.astype(np.float32)
@@ -318,8 +326,7 @@ def er_at_spindle(yellow: np.ndarray, red: np.ndarray, cell: np.ndarray) -> tupl
         return 0.0, 1.0
     y = _smooth_within(yellow, cell)
     r = _smooth_within(red, cell)
-    flat = min(y.std() / max(abs(y.mean()), 1e-6), r.std() / max(abs(r.mean()), 1e-6)) < 1e-4
-    corr = 0.0 if flat else float(np.corrcoef(y, r)[0, 1])
+    corr = _pearson(y, r)
     high = y[r > np.percentile(r, 75)]
     low = y[r < np.percentile(r, 50)]
     ratio = float(high.mean()) / max(float(low.mean()), 1e-6) if len(high) and len(low) else 1.0
@@ -347,7 +354,6 @@ def mitosis_table(seed: int = 4242, sim_fields: int = 3) -> str:
         then, for cells that carry the spindle label, :func:`spindle_stain`'s pool, grain and peak of the protein;
         then, for every mitotic cell, :func:`er_at_spindle`'s correlation and brightness ratio.
     """
-
     folder, fid, _ = next(r for r in _REAL if r[2][0] == _SPINDLE)
     lines = [f"{'mitotic cells':<44} {'cells':>5}  {'length: median (range)':<20} width"]
     stain = [f"{'spindle protein (green) in spindle cells':<44} {'cells':>5}  {'pool':<20} {'grain':<20} peak"]
@@ -406,7 +412,6 @@ def background_table(seed: int = 4242, sim_fields: int = 8) -> str:
         A text table: cells, then median (range) of the green level, the correlation with the ER marker and the
         perinuclear enrichment.
     """
-
     seg = _segmenter()
     head = f"{'unannotated green':<44} {'cells':>5}  {'level (8 bit)':<20} {'corr(green, yellow)':<20} perinuclear"
     lines = [head]
@@ -496,7 +501,6 @@ def stats_table(seed: int = 4242, sim_fields: int = 3) -> str:
         A text table: cells, then median (range) of the nucleus-to-cytoplasm ratio for green and for yellow, and
         of the green level over background (:func:`level_over_background`).
     """
-
     seg = _segmenter()
     lines = [
         f"{'field':<44} {'cells':>5}  {'nucleus/cytoplasm:':<20} {'':<20} green over background",

@@ -526,9 +526,8 @@ def background_stain(ctx: PaintContext) -> np.ndarray:
 
     HPA-sim 2.9: per field, how far the grains follow the ER marker's network (:data:`BACKGROUND_ER_FOLLOW`) and
     a perinuclear zone of :data:`BACKGROUND_PERINUCLEAR` reference px (2.10: not in mitotic cells, which hold it
-    evenly); HPA-sim 2.8 drew the grains independently
-    of the ER and only mildly perinuclear (0.26 and 1.24 by the same measure), so the only ER-like green a model
-    saw was annotated ER.
+    evenly); HPA-sim 2.8 drew the grains independently of the ER and only mildly perinuclear (0.26 and 1.24 by the
+    same measure), so the only ER-like green a model saw was annotated ER.
     """
     cell = ctx.cell_mask
     er = ctx.er
